@@ -1,0 +1,423 @@
+"""Convert a raw CrowdPlay dataset into per-agent Minari datasets: parallel, resumable, atomic.
+
+Work happens in two phases under `<datasets root>/.crowdplay-staging/` (hidden, so Minari ignores
+it):
+1. **stage**: each episode is read (one episode in memory per worker) and written as one HDF5 file
+   per agent, `episodes/<dataset>/<crowdplay_episode_id>.h5`, atomically (tmp + rename). A finished
+   file is never redone; a killed run leaves at worst a `.tmp`, which the next run deletes.
+2. **publish**: per dataset, a complete Minari dataset directory is assembled in staging (already
+   published episodes plus new staged ones, copied chunk-for-chunk without recompression), then
+   swapped into place with directory renames. Minari never sees a half-written dataset.
+
+A corrupt, truncated, missing or malicious input file is reported by name (stdout and
+`<root>/<namespace>/conversion_report.json`); every other episode still converts, and the exit
+status of the command is 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import shutil
+import time
+import traceback
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+
+from crowdplay_minari.episode import EpisodeMetadata
+from crowdplay_minari.raw import (
+    CrowdPlayDataError,
+    RawDataset,
+    TrajectoryNotFoundError,
+    load_steps,
+    parse_steps,
+    trajectory_files,
+)
+
+from .episode_writer import LIBVER, write_staged_episode
+from .layout import (
+    DEFAULT_NAMESPACE,
+    DatasetKey,
+    action_space,
+    collection_env_spec,
+    dataset_metadata,
+    observation_space,
+)
+
+STAGING_DIR = ".crowdplay-staging"
+REPORT_NAME = "conversion_report.json"
+
+
+def datasets_root(root: str | Path | None = None) -> Path:
+    """Minari's datasets directory: `root`, else $MINARI_DATASETS_PATH, else Minari's default."""
+    if root is not None:
+        return Path(root)
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    return Path(get_dataset_path())
+
+
+def _slug(dataset_id: str) -> str:
+    return dataset_id.replace("/", "__")
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    """One raw episode to stage: everything a worker needs, no DB access."""
+
+    raw_root: Path
+    metadata: EpisodeMetadata
+    namespace: str
+    staging: Path
+    agents: tuple[str, ...]  # agents still to stage
+
+
+@dataclass
+class EpisodeResult:
+    episode_id: str
+    frames: int = 0
+    staged: list[tuple[str, str]] = field(default_factory=list)  # (dataset_id, agent_id)
+    error: str | None = None
+    error_file: str | None = None
+    seconds: float = 0.0
+
+
+def stage_episode(job: EpisodeJob) -> EpisodeResult:
+    """Read one raw episode and write one staged HDF5 file per agent (runs in a worker)."""
+    started = time.perf_counter()
+    meta = job.metadata
+    result = EpisodeResult(meta.episode_id)
+    path = None
+    try:
+        files = trajectory_files(job.raw_root, meta.episode_id)
+        if not files:
+            path = job.raw_root / f"{meta.episode_id}.pickle.bz2"
+            raise TrajectoryNotFoundError(path, "trajectory file not found")
+        path = files[0]
+        episode = parse_steps(load_steps(path), meta, path, agents=None)
+        for agent_id in job.agents:
+            if agent_id not in episode.agents:
+                raise CrowdPlayDataError(path, f"agent {agent_id} missing from trajectory")
+            key = DatasetKey(job.namespace, meta.game, meta.task, agent_id)
+            target = job.staging / "episodes" / _slug(key.dataset_id)
+            target.mkdir(parents=True, exist_ok=True)
+            write_staged_episode(
+                target / f"{meta.episode_id}.h5", episode, episode.agents[agent_id]
+            )
+            result.staged.append((key.dataset_id, agent_id))
+        result.frames = episode.num_steps
+    except CrowdPlayDataError as exc:
+        result.error = str(exc)
+        result.error_file = str(exc.path) if exc.path else str(path)
+    except Exception as exc:  # keep the grid going; report with the file name
+        result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        result.error_file = str(path) if path else None
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# -- executors ---------------------------------------------------------------------------------
+
+
+def _run_local(jobs: list[EpisodeJob], workers: int) -> Iterator[EpisodeResult]:
+    if workers <= 1:
+        yield from map(stage_episode, jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context()
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(stage_episode, job) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def _run_ray(jobs: list[EpisodeJob], workers: int, address: str | None) -> Iterator[EpisodeResult]:
+    try:
+        import ray
+    except ImportError as exc:
+        raise RuntimeError(
+            "the ray executor needs Ray: pip install 'crowdplay-minari[ray]'"
+        ) from exc
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=1, max_retries=2)(stage_episode)
+    try:
+        pending = []
+        queue = list(jobs)
+        limit = max(1, workers) * 2  # bounded in flight: memory stays ~one episode per worker
+        while queue or pending:
+            while queue and len(pending) < limit:
+                pending.append(remote.remote(queue.pop(0)))
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+# -- publishing --------------------------------------------------------------------------------
+
+
+def published_episode_ids(dataset_dir: Path) -> list[str]:
+    """CrowdPlay episode ids in a published dataset, in episode order."""
+    main = dataset_dir / "data" / "main_data.hdf5"
+    if not main.exists():
+        return []
+    with h5py.File(main, "r") as file:
+        order = sorted(file.keys(), key=lambda k: int(k.split("_")[-1]))
+        return [str(file[k].attrs["crowdplay_episode_id"]) for k in order]
+
+
+def _episode_sort_key(file: h5py.File | h5py.Group) -> tuple[str, str]:
+    created = str(file.attrs.get("keyword_data/all/created_on", ""))
+    return created, str(file.attrs["crowdplay_episode_id"])
+
+
+def publish_dataset(root: Path, staging: Path, key: DatasetKey) -> dict:
+    """Assemble published + staged episodes into a new Minari dataset and swap it into place."""
+    from minari.dataset.minari_storage import MinariStorage
+
+    final_dir = root / key.dataset_id
+    staged_dir = staging / "episodes" / _slug(key.dataset_id)
+    staged_files = sorted(staged_dir.glob("*.h5")) if staged_dir.exists() else []
+    build = staging / "publish" / uuid.uuid4().hex / "dataset"
+    data_path = build / "data"
+    data_path.parent.mkdir(parents=True)
+    storage = MinariStorage.new(
+        data_path,
+        observation_space=observation_space(),
+        action_space=action_space(key.game),
+        env_spec=collection_env_spec(key.game),
+        data_format="hdf5",
+        jpeg_encoding=False,
+    )
+    main = data_path / "main_data.hdf5"
+    sources: list[tuple[tuple[str, str], Path, str]] = []
+    old_main = final_dir / "data" / "main_data.hdf5"
+    staged_ids = {p.stem for p in staged_files}
+    if old_main.exists():
+        with h5py.File(old_main, "r") as old:
+            for name, group in old.items():
+                if str(group.attrs["crowdplay_episode_id"]) not in staged_ids:
+                    sources.append((_episode_sort_key(group), old_main, name))
+    for path in staged_files:
+        with h5py.File(path, "r") as src:
+            sources.append((_episode_sort_key(src), path, "/"))
+    sources.sort(key=lambda s: s[0])
+
+    total_steps = 0
+    with h5py.File(main, "w", track_order=True, libver=LIBVER) as out:
+        for index, (_, path, name) in enumerate(sources):
+            with h5py.File(path, "r") as src:
+                target = f"episode_{index}"
+                if name == "/":  # a staged file: its root group is the episode
+                    group = out.create_group(target)
+                    for child in src:
+                        src.copy(src[child], group, name=child)
+                    group.attrs.update(dict(src.attrs))
+                else:
+                    src.copy(src[name], out, name=target)
+                    group = out[target]
+                steps = int(group["actions"].shape[0])
+                group.attrs["id"] = index
+                group.attrs["total_steps"] = steps
+                total_steps += steps
+    metadata = dataset_metadata(key)
+    metadata.update({"total_episodes": len(sources), "total_steps": total_steps})
+    storage.update_metadata(metadata)
+    storage.update_metadata({"dataset_size": storage.get_size()})
+
+    # Swap into place: rename the old dataset aside, the new one in, then delete the old.
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    trash = staging / "trash" / uuid.uuid4().hex
+    if final_dir.exists():
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(final_dir, trash)
+    os.replace(build, final_dir)
+    shutil.rmtree(build.parent, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)
+    for path in staged_files:
+        path.unlink()
+    return {"episodes": len(sources), "steps": total_steps}
+
+
+def _ensure_namespaces(root: Path, namespace: str, games: Iterable[str]) -> None:
+    from minari.namespace import create_namespace, list_local_namespaces
+
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        existing = set(list_local_namespaces())
+        wanted = [namespace] + [f"{namespace}/{g}" for g in sorted(set(games))]
+        for ns in wanted:
+            if ns not in existing and not (root / ns / "namespace_metadata.json").exists():
+                create_namespace(
+                    ns,
+                    description="CrowdPlay human Atari demonstrations, converted by "
+                    "crowdplay-minari (one dataset per game, task and agent).",
+                )
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+
+
+# -- the whole conversion ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """Options of one conversion run."""
+
+    raw_dir: Path
+    root: Path | None = None  # Minari datasets root; None: $MINARI_DATASETS_PATH or default
+    namespace: str = DEFAULT_NAMESPACE
+    workers: int = 1
+    executor: str = "local"  # "local" (process pool) or "ray"
+    ray_address: str | None = None
+    episode_ids: tuple[str, ...] | None = None  # convert only these
+    progress: bool = True
+
+
+@dataclass
+class ConversionReport:
+    raw_dir: str
+    root: str
+    started: str
+    finished: str = ""
+    episodes_total: int = 0
+    episodes_converted: int = 0
+    episodes_already_done: int = 0
+    frames_converted: int = 0
+    seconds: float = 0.0
+    skipped: list[dict] = field(default_factory=list)
+    datasets: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped
+
+
+def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> ConversionReport:
+    """Run (or resume) a conversion; returns the report, also written next to the datasets."""
+    started = time.perf_counter()
+    root = datasets_root(config.root)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / STAGING_DIR
+    for tmp in staging.glob("episodes/*/*.tmp"):
+        tmp.unlink()  # left by a killed run
+    raw = RawDataset(config.raw_dir)
+    all_meta = raw.metadata()
+    ids = list(config.episode_ids) if config.episode_ids is not None else sorted(all_meta)
+    report = ConversionReport(
+        str(config.raw_dir), str(root), dt.datetime.now().isoformat(timespec="seconds")
+    )
+    report.episodes_total = len(ids)
+
+    # Which agents of which episodes still need staging?
+    keys: dict[str, DatasetKey] = {}
+    published: dict[str, set[str]] = {}
+    jobs: list[EpisodeJob] = []
+    for episode_id in ids:
+        meta = all_meta.get(episode_id)
+        if meta is None:
+            report.skipped.append(
+                {"episode_id": episode_id, "file": str(raw.db_path), "error": "not in database"}
+            )
+            continue
+        agents = _agents_of(meta)
+        todo = []
+        for agent_id in agents:
+            key = DatasetKey(config.namespace, meta.game, meta.task, agent_id)
+            keys[key.dataset_id] = key
+            if key.dataset_id not in published:
+                published[key.dataset_id] = set(published_episode_ids(root / key.dataset_id))
+            staged = staging / "episodes" / _slug(key.dataset_id) / f"{episode_id}.h5"
+            if episode_id not in published[key.dataset_id] and not staged.exists():
+                todo.append(agent_id)
+        if todo:
+            jobs.append(
+                EpisodeJob(Path(config.raw_dir), meta, config.namespace, staging, tuple(todo))
+            )
+        else:
+            report.episodes_already_done += 1
+    if report.episodes_already_done:
+        log(f"resuming: {report.episodes_already_done} episode(s) already converted")
+
+    from tqdm import tqdm
+
+    results = (
+        _run_ray(jobs, config.workers, config.ray_address)
+        if config.executor == "ray"
+        else _run_local(jobs, config.workers)
+    )
+    bar = tqdm(total=len(jobs), unit="episode", desc="converting", disable=not config.progress)
+    for result in results:
+        bar.update(1)
+        if result.error:
+            entry = {
+                "episode_id": result.episode_id,
+                "file": result.error_file,
+                "error": result.error.strip().splitlines()[0],
+            }
+            report.skipped.append(entry)
+            log(f"SKIPPED {entry['file']}: {entry['error']}")
+        else:
+            report.episodes_converted += 1
+            report.frames_converted += result.frames
+    bar.close()
+
+    _ensure_namespaces(root, config.namespace, {k.game for k in keys.values()})
+    for dataset in sorted(keys):
+        staged_dir = staging / "episodes" / _slug(dataset)
+        has_new = staged_dir.exists() and any(staged_dir.glob("*.h5"))
+        if has_new:
+            report.datasets[dataset] = publish_dataset(root, staging, keys[dataset])
+        elif (root / dataset / "data" / "metadata.json").exists():
+            with open(root / dataset / "data" / "metadata.json") as f:
+                meta = json.load(f)
+            report.datasets[dataset] = {
+                "episodes": meta["total_episodes"],
+                "steps": meta["total_steps"],
+            }
+    report.seconds = time.perf_counter() - started
+    report.finished = dt.datetime.now().isoformat(timespec="seconds")
+    report_path = root / config.namespace / REPORT_NAME
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(report), indent=2))
+    os.replace(tmp, report_path)
+    return report
+
+
+TWO_PLAYER_GAMES = ("space_invaders_2p", "space_invaders_ai")
+
+
+def _agents_of(meta: EpisodeMetadata) -> list[str]:
+    """Agent ids of an episode: both players in two-player games, plus any in its keyword data."""
+    agents = {"game_0>player_0"}
+    if meta.game in TWO_PLAYER_GAMES:
+        agents.add("game_0>player_1")
+    agents.update(a for a in meta.keyword_data if a != "all")
+    return sorted(agents)
+
+
+def group_by_dataset(report: ConversionReport) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for dataset in report.datasets:
+        grouped[dataset.rsplit("/", 1)[0]].append(dataset)
+    return dict(grouped)

@@ -1,0 +1,140 @@
+"""How CrowdPlay episodes map onto Minari datasets: ids, spaces, episode content, metadata.
+
+Dataset ids: `<namespace>/<game>/<task>-<player>-v0`, e.g. `crowdplay/space_invaders/insideout-
+player_0-v0` and `crowdplay/space_invaders_2p/cooperative-player_1-v0`: one dataset per game, task
+and agent, so a plain Minari user gets homogeneous behaviour. The recruitment source and every
+statistic are episode attributes. Every episode keeps CrowdPlay's `episode_id`, which links the two
+players of one game across datasets.
+
+Episode content (one Minari episode per CrowdPlay episode and agent, N raw 60 Hz steps):
+- `observations` (N+1, 210, 160, 3) uint8 RGB, lossless. CrowdPlay does not store the screen after
+  the last step, so observation N repeats observation N-1 (attribute `final_observation` =
+  `"repeat_last"`).
+- `actions` (N,) int64 minimal-action-set index; `rewards` (N,) float64, unclipped;
+  `terminations` true on the last step iff the game was over; `truncations` true on the last step
+  iff the session stopped first.
+- `infos` (N+1 entries, index t = raw step t, entry N repeats N-1 with `recorded` false): `ram`
+  (128 uint8, RAM after the step), `lives`, `user_type` (1 human, 2 AI), `action_step_iter`,
+  `step_iter`, `recorded`, `statistics/<name>` and `task_statistics/<name>` (CrowdPlay's running
+  episode / task statistics, float64, timedeltas in seconds).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+
+from crowdplay_minari import __version__
+from crowdplay_minari.episode import FRAME_SHAPE, player_name
+from crowdplay_minari.scores import REFERENCE_SCORES
+
+DEFAULT_NAMESPACE = "crowdplay"
+DATASET_VERSION = 0
+FINAL_OBSERVATION = "repeat_last"
+CODE_PERMALINK = f"https://pypi.org/project/crowdplay-minari/{__version__}/"
+AUTHOR = (
+    "CrowdPlay (Gerstgrasser, Trivedi, Parkes et al., ICLR 2022); converted by crowdplay-minari"
+)
+AUTHOR_EMAIL = "crowdplay-minari maintainers"
+REQUIREMENTS = ["ale-py<0.11.1", "gymnasium==1.0.0", "crowdplay-minari", "hdf5plugin"]
+
+
+def dataset_id(namespace: str, game: str, task: str, agent_id: str) -> str:
+    """`crowdplay/space_invaders/insideout-player_0-v0`."""
+    return f"{namespace}/{game}/{task}-{player_name(agent_id)}-v{DATASET_VERSION}"
+
+
+@dataclass(frozen=True)
+class DatasetKey:
+    """What a dataset holds: one game, task and agent."""
+
+    namespace: str
+    game: str
+    task: str
+    agent_id: str
+
+    @property
+    def dataset_id(self) -> str:
+        return dataset_id(self.namespace, self.game, self.task, self.agent_id)
+
+
+@functools.cache
+def num_actions(game: str) -> int:
+    """Size of the game's minimal action set, read from the emulator."""
+    import ale_py
+    from crowdplay_minari.envs import rom_for_game
+
+    ale = ale_py.ALEInterface()
+    ale.setLoggerMode(ale_py.LoggerMode.Error)
+    ale.loadROM(str(ale_py.roms.get_rom_path(rom_for_game(game))))
+    return len(ale.getMinimalActionSet())
+
+
+def observation_space() -> gym.spaces.Box:
+    return gym.spaces.Box(0, 255, FRAME_SHAPE, dtype=np.uint8)
+
+
+def action_space(game: str) -> gym.spaces.Discrete:
+    return gym.spaces.Discrete(num_actions(game))
+
+
+def description(key: DatasetKey) -> str:
+    two_player = key.game in ("space_invaders_2p", "space_invaders_ai")
+    return (
+        f"Human Atari demonstrations from CrowdPlay (crowdplay_atari-v0): game {key.game}, task "
+        f"{key.task}, agent {key.agent_id}. Raw 60 Hz frames, no frame skip, no sticky actions, "
+        "minimal action set; RGB observations stored losslessly (zstd via hdf5plugin). "
+        "CrowdPlay stores no screen after the last step: the final (N+1-th) observation repeats "
+        "the N-th (episode attribute final_observation='repeat_last'). Episode attributes hold "
+        "every CrowdPlay metadata value (source, statistics, environment data, participant id); "
+        "crowdplay_episode_id links both players of one game. Per-step infos: RAM, lives, "
+        "user_type (1 human, 2 AI), action_step_iter, step_iter, running statistics. "
+        "ref_min_score / ref_max_score are the standard random / human Atari references "
+        "(Mnih et al. 2015). "
+        + (
+            "Two-player data: env_spec is None (the multi-agent ALE has no gymnasium entry "
+            "point); the eval env is the single-player game with the loader's frame processing."
+            if two_player
+            else "env_spec is the raw collection env (ALE, frameskip 1); eval_env_spec is the "
+            "crowdplay_minari evaluation env with the loader's frame processing."
+        )
+    )
+
+
+def dataset_metadata(key: DatasetKey) -> dict:
+    """Minari metadata fields beyond what `MinariStorage.new` writes."""
+    from crowdplay_minari.envs import eval_env_spec
+
+    random_score, human_score = REFERENCE_SCORES[key.game]
+    return {
+        "dataset_id": key.dataset_id,
+        "algorithm_name": "human",
+        "author": {AUTHOR},
+        "author_email": {AUTHOR_EMAIL},
+        "code_permalink": CODE_PERMALINK,
+        "description": description(key),
+        "minari_version": _minari_version(),
+        "eval_env_spec": eval_env_spec(key.game).to_json(),
+        "ref_min_score": random_score,
+        "ref_max_score": human_score,
+        "num_episodes_average_score": 0,
+        "requirements": REQUIREMENTS,
+    }
+
+
+def collection_env_spec(game: str):
+    """The raw collection env for single-player games; None for two-player ones."""
+    if game in ("space_invaders_2p", "space_invaders_ai"):
+        return None
+    from crowdplay_minari.envs import collection_env_spec as spec
+
+    return spec(game)
+
+
+def _minari_version() -> str:
+    import minari
+
+    return minari.__version__
