@@ -40,3 +40,14 @@ def raw_sample_bz2(tmp_path_factory: pytest.TempPathFactory, raw_sample: Path) -
     for path in raw_sample.glob("*.pickle.bz2"):
         shutil.copy2(path, root / path.name)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_minari_root():
+    """Tests point Minari at temporary roots; put the caller's setting back afterwards."""
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    yield
+    if previous is None:
+        os.environ.pop("MINARI_DATASETS_PATH", None)
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = previous
