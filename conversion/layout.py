@@ -67,8 +67,8 @@ def num_actions(game: str) -> int:
     import ale_py
     from crowdplay_minari.envs import rom_for_game
 
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # before construction: no banner
     ale = ale_py.ALEInterface()
-    ale.setLoggerMode(ale_py.LoggerMode.Error)
     ale.loadROM(str(ale_py.roms.get_rom_path(rom_for_game(game))))
     return len(ale.getMinimalActionSet())
 
