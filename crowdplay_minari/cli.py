@@ -52,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--quiet", action="store_true")
     sample.set_defaults(func=_cmd_sample)
 
-    from . import download
+    from . import demo, download
+
+    dm = sub.add_parser(
+        "demo", help="sample -> Minari -> filtered processed load -> d3rlpy training -> eval"
+    )
+    demo.add_arguments(dm)
+    dm.set_defaults(func=demo.run)
 
     dl = sub.add_parser("download", help="download and unpack the real CrowdPlay release (15 GB)")
     download.add_arguments(dl)
