@@ -31,7 +31,7 @@ from pathlib import Path
 
 import h5py
 
-from crowdplay_minari.episode import EpisodeMetadata
+from crowdplay_minari.episode import TWO_PLAYER_GAMES, EpisodeMetadata
 from crowdplay_minari.raw import (
     CrowdPlayDataError,
     RawDataset,
@@ -402,9 +402,6 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
     tmp.write_text(json.dumps(dataclasses.asdict(report), indent=2))
     os.replace(tmp, report_path)
     return report
-
-
-TWO_PLAYER_GAMES = ("space_invaders_2p", "space_invaders_ai")
 
 
 def _agents_of(meta: EpisodeMetadata) -> list[str]:

@@ -28,7 +28,7 @@ import gymnasium as gym
 import numpy as np
 
 from crowdplay_minari import __version__
-from crowdplay_minari.episode import FRAME_SHAPE, player_name
+from crowdplay_minari.episode import FRAME_SHAPE, TWO_PLAYER_GAMES, player_name
 from crowdplay_minari.scores import REFERENCE_SCORES
 
 DEFAULT_NAMESPACE = "crowdplay"
@@ -65,6 +65,7 @@ class DatasetKey:
 def num_actions(game: str) -> int:
     """Size of the game's minimal action set, read from the emulator."""
     import ale_py
+
     from crowdplay_minari.envs import rom_for_game
 
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # before construction: no banner
@@ -82,7 +83,7 @@ def action_space(game: str) -> gym.spaces.Discrete:
 
 
 def description(key: DatasetKey) -> str:
-    two_player = key.game in ("space_invaders_2p", "space_invaders_ai")
+    two_player = key.game in TWO_PLAYER_GAMES
     return (
         f"Human Atari demonstrations from CrowdPlay (crowdplay_atari-v0): game {key.game}, task "
         f"{key.task}, agent {key.agent_id}. Raw 60 Hz frames, no frame skip, no sticky actions, "
@@ -127,7 +128,7 @@ def dataset_metadata(key: DatasetKey) -> dict:
 
 def collection_env_spec(game: str):
     """The raw collection env for single-player games; None for two-player ones."""
-    if game in ("space_invaders_2p", "space_invaders_ai"):
+    if game in TWO_PLAYER_GAMES:
         return None
     from crowdplay_minari.envs import collection_env_spec as spec
 

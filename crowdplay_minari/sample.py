@@ -24,21 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .episode import AI, FRAME_SHAPE, HUMAN, AgentTrajectory, Episode, EpisodeMetadata, User
+from .envs import rom_for_game
+from .episode import (
+    AI,
+    FRAME_SHAPE,
+    HUMAN,
+    TWO_PLAYER_GAMES,
+    AgentTrajectory,
+    Episode,
+    EpisodeMetadata,
+    User,
+)
 from .raw.writer import RawDatasetWriter
 from .statistics import TIMEDELTA_STATISTICS, running_statistics, space_invaders_x
 
-# CrowdPlay game name -> (ale-py ROM id, number of players)
-GAMES: dict[str, tuple[str, int]] = {
-    "space_invaders": ("space_invaders", 1),
-    "space_invaders_2p": ("space_invaders", 2),
-    "space_invaders_ai": ("space_invaders", 2),
-    "riverraid": ("riverraid", 1),
-    "qbert": ("qbert", 1),
-    "breakout": ("breakout", 1),
-    "beam_rider": ("beam_rider", 1),
-    "montezuma_revenge": ("montezuma_revenge", 1),
-}
 AGENT_IDS = ("game_0>player_0", "game_0>player_1")
 BASE_TIME = dt.datetime(2021, 6, 1, 12, 0, 0)
 
@@ -340,7 +339,7 @@ def _play_session(
     """Play one session's episodes and write their trajectory files (runs in a worker process)."""
     spec = job.spec
     rng = random.Random(job.seed)
-    rom, n_players = GAMES[spec.game]
+    rom, n_players = rom_for_game(spec.game), 2 if spec.game in TWO_PLAYER_GAMES else 1
     agent_ids = AGENT_IDS[:n_players]
     environment_id = _uuid(rng)
     session_start = BASE_TIME + dt.timedelta(hours=job.index)
