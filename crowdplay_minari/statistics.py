@@ -28,6 +28,9 @@ SI_X_MIN, SI_X_MAX = 0x23, 0x75
 
 ALIEN_ORDER_TASKS = ("insideout", "outsidein", "rowbyrow", "insideout_incentives")
 SIDE_TASKS = {"left": (LEFT_SIDE, 0.0, 0.5), "right": (RIGHT_SIDE, 0.5, 1.0)}
+# River Raid: the plane's x is RAM 0x33, the river's centre 0x4C; CrowdPlay's bounds are in pixels.
+RIVERRAID_X, RIVERRAID_CENTRE = 0x33, 0x4C
+RIVERRAID_SIDE_TASKS = {"left": (LEFT_SIDE, -1000.0, 5.0), "right": (RIGHT_SIDE, -5.0, 1000.0)}
 
 
 def task_adherence_key(game: str, task: str) -> str | None:
@@ -155,4 +158,8 @@ def running_statistics(
         if task in SIDE_TASKS:
             key, low, high = SIDE_TASKS[task]
             stats[key] = running_side_fraction(space_invaders_x(ram, player_index), low, high)
+    elif game == "riverraid" and task in RIVERRAID_SIDE_TASKS:
+        key, low, high = RIVERRAID_SIDE_TASKS[task]
+        position = ram[:, RIVERRAID_X].astype(np.float64) - RIVERRAID_CENTRE
+        stats[key] = running_side_fraction(position, low, high)
     return stats
