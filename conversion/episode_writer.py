@@ -1,10 +1,11 @@
 """Write one agent's view of one CrowdPlay episode as a Minari episode group in HDF5.
 
 Storage layout, chosen by measurement (benchmarks/bench_conversion.py, README "Storage"): frames
-are compressed with zstd level 9 in chunks of 256 whole frames. A chunk that long lets zstd's
+are compressed with zstd level 12 in chunks of 256 whole frames. A chunk that long lets zstd's
 long-range matching encode a frame that equals or nearly equals an earlier one in a few bytes:
-~110 B/frame, below CrowdPlay's own bz2 files, at ~7,500 frames/s to write and ~30,000 frames/s
-to read. gzip cannot get there (deflate matches stop at 258 bytes: >= 360 B/frame at level 9).
+~91-106 B/frame, about half of CrowdPlay's own bz2 files, at ~3,500 frames/s to write and
+~27,000 frames/s to read (level 9 writes faster but grows the files past bz2's size). gzip
+cannot get there (deflate matches stop at 258 bytes: >= 330 B/frame even at level 9).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .layout import FINAL_OBSERVATION
 
 FRAME_CHUNK = 256
 FRAME_ZSTD_LEVEL = 12
-SMALL_ZSTD_LEVEL = 19  # per-step scalars and RAM: little data, so compress hard
+SMALL_ZSTD_LEVEL = 9  # per-step scalars and RAM: 19 costs 20% of the writing for 3% of bytes
 LIBVER = "latest"  # compact chunk indexes: ~3 KB less per dataset than HDF5's v1 B-trees
 
 

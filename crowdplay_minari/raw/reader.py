@@ -53,9 +53,18 @@ def load_steps(path: Path) -> list[dict]:
     """Decompress and safely unpickle one trajectory file into its list of step dicts."""
     try:
         with _open_trajectory(path) as file:
-            steps = safe_pickle.load(file, path)
+            # Decompress in one go, then unpickle from memory: the pure-Python unpickler makes
+            # millions of tiny reads, which cost far more through BZ2File/GzipFile than through
+            # BytesIO (benchmarks/bench_conversion.py). The bytes are freed before parsing.
+            data = file.read()
     except FileNotFoundError as exc:
         raise TrajectoryNotFoundError(path, "trajectory file does not exist") from exc
+    except EOFError as exc:
+        raise CorruptTrajectoryError(path, f"file is truncated: {exc}") from exc
+    except OSError as exc:
+        raise CorruptTrajectoryError(path, f"cannot decompress: {exc}") from exc
+    steps = safe_pickle.loads(data, path)
+    del data
     if not isinstance(steps, list):
         raise SchemaError(path, f"expected a list of step dicts, found {type(steps).__name__}")
     if not steps:
