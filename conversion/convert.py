@@ -58,10 +58,10 @@ REPORT_NAME = "conversion_report.json"
 def datasets_root(root: str | Path | None = None) -> Path:
     """Minari's datasets directory: `root`, else $MINARI_DATASETS_PATH, else Minari's default."""
     if root is not None:
-        return Path(root)
+        return Path(root).resolve()
     from minari.storage.datasets_root_dir import get_dataset_path
 
-    return Path(get_dataset_path())
+    return Path(get_dataset_path()).resolve()
 
 
 def _slug(dataset_id: str) -> str:

@@ -42,7 +42,7 @@ from .processing import ProcessedTrajectory, ProcessingConfig, process_trajector
 from .statistics import task_adherence_key
 
 CACHE_ENV = "CROWDPLAY_MINARI_CACHE"
-_CACHE_FORMAT = 1  # bump when processing semantics change
+_CACHE_FORMAT = 2  # bump when processing semantics change (2: integer rewards stay int64)
 
 
 def default_cache_dir() -> Path:
@@ -148,14 +148,20 @@ class EpisodeView:
 
     # -- data ----------------------------------------------------------------------------------
     def load(self, *, observations: bool = True) -> EpisodeArrays:
-        """The stored arrays (observations decoded only if asked)."""
+        """The stored arrays (observations decoded only if asked); rewards are int64 again when
+        CrowdPlay's were integers (Minari stores them as float64)."""
         with h5py.File(self.data_file, "r") as file:
             group = file[f"episode_{self.index}"]
             infos = _read_group(group["infos"]) if "infos" in group else {}
+            rewards = group["rewards"][()]
+            # The converter records the return as a Python int exactly when the raw rewards
+            # were integers; summing them as floats would change the processed rewards' dtype.
+            if isinstance(self.metadata.get("episode_return"), int):
+                rewards = rewards.astype(np.int64)
             return EpisodeArrays(
                 observations=group["observations"][()] if observations else np.empty(0),
                 actions=group["actions"][()],
-                rewards=group["rewards"][()],
+                rewards=rewards,
                 terminations=group["terminations"][()],
                 truncations=group["truncations"][()],
                 infos=infos,
@@ -181,7 +187,10 @@ class EpisodeView:
             config=config,
         )
         if path is not None:
-            _atomic_save(path, dataclasses.asdict(result))
+            # not dataclasses.asdict: it deep-copies every array before saving
+            _atomic_save(
+                path, {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+            )
         return result
 
     def get_processed_trajectory(
