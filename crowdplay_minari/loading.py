@@ -42,7 +42,8 @@ from .processing import ProcessedTrajectory, ProcessingConfig, process_trajector
 from .statistics import task_adherence_key
 
 CACHE_ENV = "CROWDPLAY_MINARI_CACHE"
-_CACHE_FORMAT = 2  # bump when processing semantics change (2: integer rewards stay int64)
+_CACHE_FORMAT = 3  # bump when processing or the file layout changes (3: raw .npy records)
+_CACHE_FIELDS = tuple(f.name for f in dataclasses.fields(ProcessedTrajectory))
 
 
 def default_cache_dir() -> Path:
@@ -172,9 +173,8 @@ class EpisodeView:
         path = self._cache_path(config) if cache else None
         if path is not None and path.exists():
             try:
-                with np.load(path) as stored:
-                    return ProcessedTrajectory(**{k: stored[k] for k in stored.files})
-            except (OSError, ValueError, KeyError):
+                return ProcessedTrajectory(**_read_cache_entry(path))
+            except (OSError, ValueError, EOFError):
                 path.unlink(missing_ok=True)  # damaged cache entry: recompute
         arrays = self.load()
         n = arrays.actions.shape[0]
@@ -188,9 +188,7 @@ class EpisodeView:
         )
         if path is not None:
             # not dataclasses.asdict: it deep-copies every array before saving
-            _atomic_save(
-                path, {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-            )
+            _atomic_save(path, {name: getattr(result, name) for name in _CACHE_FIELDS})
         return result
 
     def get_processed_trajectory(
@@ -299,7 +297,7 @@ class EpisodeView:
             "format": _CACHE_FORMAT,
         }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-        return default_cache_dir() / digest[:2] / f"{digest}.npz"
+        return default_cache_dir() / digest[:2] / f"{digest}.npys"
 
 
 def _read_group(group: h5py.Group) -> dict[str, Any]:
@@ -310,14 +308,27 @@ def _read_group(group: h5py.Group) -> dict[str, Any]:
 
 
 def _atomic_save(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """One cache entry: the arrays as consecutive `.npy` records, in `_CACHE_FIELDS` order.
+
+    Plain records rather than `np.savez`: a zip container checksums and copies every byte, which
+    cost a quarter of a cold load; these are written with `tofile` and read with `readinto`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # uncompressed: reading back is a memory copy
+            for name in _CACHE_FIELDS:
+                np.lib.format.write_array(f, np.ascontiguousarray(arrays[name]), allow_pickle=False)
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a full disk only costs the cache, never the result
+
+
+def _read_cache_entry(path: Path) -> dict[str, np.ndarray]:
+    with open(path, "rb") as f:
+        arrays = {name: np.lib.format.read_array(f, allow_pickle=False) for name in _CACHE_FIELDS}
+        if f.read(1):
+            raise ValueError(f"{path}: trailing data in cache entry")
+    return arrays
 
 
 # -- datasets ------------------------------------------------------------------------------------

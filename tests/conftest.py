@@ -42,6 +42,28 @@ def raw_sample_bz2(tmp_path_factory: pytest.TempPathFactory, raw_sample: Path) -
     return root
 
 
+@pytest.fixture(scope="session")
+def converted_sample(tmp_path_factory: pytest.TempPathFactory, raw_sample_bz2: Path):
+    """`(root, report)`: the bz2 sample converted once per session into a fresh Minari root.
+    Tests must treat it as read-only (touching a file's mtime is fine)."""
+    from conversion.convert import ConversionConfig, convert
+
+    root = tmp_path_factory.mktemp("minari")
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    try:
+        report = convert(
+            ConversionConfig(raw_sample_bz2, root=root, workers=2, progress=False),
+            log=lambda message: None,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+    assert report.ok, report.skipped
+    return root, report
+
+
 @pytest.fixture(autouse=True)
 def _restore_minari_root():
     """Tests point Minari at temporary roots; put the caller's setting back afterwards."""

@@ -31,10 +31,8 @@ def _env(root: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def converted(tmp_path_factory, raw_sample_bz2: Path):
-    root = tmp_path_factory.mktemp("minari")
-    report = convert(ConversionConfig(raw_sample_bz2, root=root, workers=2, progress=False))
-    return root, report
+def converted(converted_sample):
+    return converted_sample
 
 
 def test_every_episode_and_agent_becomes_a_dataset_episode(converted, raw_sample_bz2):
@@ -181,8 +179,9 @@ def test_recover_environments(converted):
 
 
 def test_episode_attributes_keep_every_metadata_value(converted, raw_sample_bz2):
-    from crowdplay_minari.attributes import decode_attributes, nested_from_flat
     import h5py
+
+    from crowdplay_minari.attributes import decode_attributes, nested_from_flat
 
     root, _ = converted
     raw = RawDataset(raw_sample_bz2)
@@ -244,7 +243,7 @@ def test_bad_input_is_reported_by_name_and_the_rest_converts(raw_sample_bz2, tmp
     report = json.loads((root / "crowdplay" / "conversion_report.json").read_text())
     skipped = {s["episode_id"]: s for s in report["skipped"]}
     assert set(skipped) == set(bad.values())
-    for kind, episode_id in bad.items():
+    for episode_id in bad.values():
         assert episode_id in skipped[episode_id]["file"]
         assert f"SKIPPED {skipped[episode_id]['file']}" in proc.stdout
     assert "truncated" in skipped[bad["truncated"]]["error"]

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conversion.convert import ConversionConfig, convert
 from crowdplay_minari import loading
 from crowdplay_minari.loading import CACHE_ENV, CrowdPlayDataset, EpisodeView, load_dataset
 from crowdplay_minari.raw import RawDataset
@@ -35,22 +34,9 @@ SCALING_EPISODES = 10_000
 
 
 @pytest.fixture(scope="module")
-def converted_root(tmp_path_factory: pytest.TempPathFactory, raw_sample_bz2: Path) -> Path:
-    """The whole raw sample converted into a fresh Minari root (once for this module)."""
-    root = tmp_path_factory.mktemp("loading_minari")
-    previous = os.environ.get("MINARI_DATASETS_PATH")
-    try:  # convert() points MINARI_DATASETS_PATH at its root; keep that from leaking out
-        report = convert(
-            ConversionConfig(raw_sample_bz2, root=root, workers=2, progress=False),
-            log=lambda message: None,
-        )
-    finally:
-        if previous is None:
-            os.environ.pop("MINARI_DATASETS_PATH", None)
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = previous
-    assert report.ok, report.skipped
-    return root
+def converted_root(converted_sample) -> Path:
+    """The whole raw sample converted into a Minari root (shared by the session)."""
+    return converted_sample[0]
 
 
 @pytest.fixture
@@ -136,7 +122,7 @@ def _short_episode(data: CrowdPlayDataset) -> EpisodeView:
 
 
 def _cache_files(cache_dir: Path) -> list[Path]:
-    return sorted(cache_dir.rglob("*.npz"))
+    return sorted(cache_dir.rglob("*.npys"))
 
 
 # -- loading by id, list and namespace -----------------------------------------------------------
@@ -690,7 +676,7 @@ def test_processed_trajectories_are_cached(
         assert np.array_equal(a, b)
 
     # a damaged entry is recomputed, not returned
-    entry.write_bytes(b"not an npz file")
+    entry.write_bytes(b"not a cache entry")
     fourth = episode.get_processed_trajectory(**options)
     assert len(calls) == 4
     for a, b in zip(first, fourth, strict=True):
