@@ -357,6 +357,9 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
             report.episodes_already_done += 1
     if report.episodes_already_done:
         log(f"resuming: {report.episodes_already_done} episode(s) already converted")
+    # Largest first, so that no worker is left converting one long episode at the end while
+    # the others idle (longest-processing-time-first scheduling).
+    jobs.sort(key=lambda job: _trajectory_size(job.raw_root, job.metadata.episode_id), reverse=True)
 
     from tqdm import tqdm
 
@@ -402,6 +405,11 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
     tmp.write_text(json.dumps(dataclasses.asdict(report), indent=2))
     os.replace(tmp, report_path)
     return report
+
+
+def _trajectory_size(raw_root: Path, episode_id: str) -> int:
+    files = trajectory_files(raw_root, episode_id)
+    return files[0].stat().st_size if files else 0
 
 
 def _agents_of(meta: EpisodeMetadata) -> list[str]:
