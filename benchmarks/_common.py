@@ -54,15 +54,15 @@ def scratch_dir(path: Path | None) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def quiet_native_output() -> Iterator[None]:
-    """Silence file descriptors 1 and 2: the emulators print banners from C++, past `sys.stdout`.
-    Worker processes started inside inherit the silence."""
+def native_output_to(path: str | os.PathLike, mode: str = "ab") -> Iterator[None]:
+    """Point file descriptors 1 and 2 at `path`: the emulators and d3rlpy print from native code,
+    past `sys.stdout`. Worker processes started inside inherit the redirection."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with open(os.devnull, "wb") as devnull:
-        os.dup2(devnull.fileno(), 1)
-        os.dup2(devnull.fileno(), 2)
+    with open(path, mode) as target:
+        os.dup2(target.fileno(), 1)
+        os.dup2(target.fileno(), 2)
     try:
         yield
     finally:
@@ -72,6 +72,11 @@ def quiet_native_output() -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in saved:
             os.close(fd)
+
+
+def quiet_native_output() -> contextlib.AbstractContextManager[None]:
+    """Silence file descriptors 1 and 2 (see `native_output_to`)."""
+    return native_output_to(os.devnull, "wb")
 
 
 def make_sample(

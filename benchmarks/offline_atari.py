@@ -863,25 +863,12 @@ def is_done(cell_dir: Path) -> bool:
     return read_status(cell_dir).get("status") == "done" and (cell_dir / "result.json").exists()
 
 
-@contextlib.contextmanager
-def _output_to(path: Path) -> Iterator[None]:
+def _output_to(path: Path) -> contextlib.AbstractContextManager[None]:
     """Send this process's stdout and stderr (file descriptors, so d3rlpy's and ALE's output
     too) to `path` while a cell runs."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "a") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+    from ._common import native_output_to
+
+    return native_output_to(path, "a")
 
 
 def run_cell(cell: Cell, cells_root: str | Path) -> dict[str, Any]:

@@ -24,7 +24,6 @@ import shutil
 import time
 import traceback
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,10 +418,3 @@ def _agents_of(meta: EpisodeMetadata) -> list[str]:
         agents.add("game_0>player_1")
     agents.update(a for a in meta.keyword_data if a != "all")
     return sorted(agents)
-
-
-def group_by_dataset(report: ConversionReport) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = defaultdict(list)
-    for dataset in report.datasets:
-        grouped[dataset.rsplit("/", 1)[0]].append(dataset)
-    return dict(grouped)

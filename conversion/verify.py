@@ -35,12 +35,9 @@ def _flat_attributes(storage, index: int) -> dict:
         return dict(file[f"episode_{index}"].attrs)
 
 
-def verify_dataset(
-    dataset_id: str, raw: RawDataset, report: VerificationReport, root: Path | None = None
-) -> None:
+def verify_dataset(dataset_id: str, raw: RawDataset, report: VerificationReport) -> None:
     """Compare every episode of one converted dataset with the raw source."""
     import minari
-    from minari.storage.datasets_root_dir import get_dataset_path
 
     dataset = minari.load_dataset(dataset_id)
     storage = dataset.storage
@@ -99,7 +96,6 @@ def verify_dataset(
                 )
         report.episodes_checked += 1
         report.frames_checked += n
-    del get_dataset_path, root
 
 
 def verify(

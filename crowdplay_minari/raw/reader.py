@@ -241,26 +241,22 @@ def _as_number(value: Any, path: Path, step: int, field: str) -> float:
 def _statistics(
     steps: list[dict], key: str, agent: str, path: Path
 ) -> tuple[dict[str, np.ndarray], set[str]]:
-    """Per-step values of the running statistics in `steps[i][key][name][agent]`."""
-    names: list[str] = []
-    for step in steps:  # names can appear after the first step; keep first-seen order
-        for name in step.get(key) or {}:
-            if name not in names:
-                names.append(name)
-    arrays: dict[str, np.ndarray] = {}
+    """Per-step values of the running statistics in `steps[i][key][name][agent]`, in one pass
+    (names may first appear after step 0; first-seen order is kept; missing steps are NaN)."""
+    columns: dict[str, np.ndarray] = {}
     timedeltas: set[str] = set()
-    for name in names:
-        values = np.full(len(steps), np.nan)
-        for i, step in enumerate(steps):
-            per_agent = (step.get(key) or {}).get(name)
-            if isinstance(per_agent, dict) and agent in per_agent:
-                value = per_agent[agent]
-                if isinstance(value, dt.timedelta):
-                    timedeltas.add(name)
-                values[i] = _as_number(value, path, i, f"{key}.{name}.{agent}")
-        if not np.all(np.isnan(values)):
-            arrays[name] = values
-    return arrays, timedeltas
+    for i, step in enumerate(steps):
+        for name, per_agent in (step.get(key) or {}).items():
+            if not isinstance(per_agent, dict) or agent not in per_agent:
+                continue
+            values = columns.get(name)
+            if values is None:
+                values = columns[name] = np.full(len(steps), np.nan)
+            value = per_agent[agent]
+            if isinstance(value, dt.timedelta):
+                timedeltas.add(name)
+            values[i] = _as_number(value, path, i, f"{key}.{name}.{agent}")
+    return columns, timedeltas
 
 
 def parse_steps(
