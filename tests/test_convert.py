@@ -22,6 +22,8 @@ from conversion.verify import verify
 from crowdplay_minari.raw import RawDataset
 
 REPO = Path(__file__).resolve().parents[1]
+# The console script installed beside this interpreter (the venv may not be on PATH).
+MINARI_CLI = str(Path(sys.executable).with_name("minari"))
 
 
 def _env(root: Path) -> dict:
@@ -134,7 +136,7 @@ def test_plain_minari_in_a_fresh_process_reads_exact_data(converted, raw_sample_
 def test_minari_cli_lists_and_shows_datasets(converted):
     root, _ = converted
     listing = subprocess.run(
-        ["minari", "list", "local"],
+        [MINARI_CLI, "list", "local"],
         env=_env(root),
         capture_output=True,
         text=True,
@@ -145,7 +147,7 @@ def test_minari_cli_lists_and_shows_datasets(converted):
     assert "crowdplay/space_invaders/insideout-player_0-v0" in listing.stdout
     assert "crowdplay/space_invaders_2p/cooperative-player_1-v0" in listing.stdout
     show = subprocess.run(
-        ["minari", "show", "crowdplay/space_invaders/insideout-player_0-v0"],
+        [MINARI_CLI, "show", "crowdplay/space_invaders/insideout-player_0-v0"],
         env=_env(root),
         capture_output=True,
         text=True,
