@@ -1,6 +1,6 @@
 """Processed-trajectory loading against CrowdPlay's own path, in one run on a bz2-only sample.
 
-    PYTHONPATH=. python -m benchmarks.bench_loading --episodes 8 --frames 1500 --repeats 3
+    PYTHONPATH=. python -m benchmarks.bench_loading --episodes 8 --frames 1500 --repeats 5
 
 1. Plays a fresh emulator sample (`.pickle.bz2`, as CrowdPlay ships it) and converts it.
 2. For two presets, `default` (`(84, 84, 4)`, every frame) and `d3rlpy`
@@ -31,7 +31,6 @@ from __future__ import annotations
 import bz2
 import contextlib
 import cProfile
-import dataclasses
 import io
 import multiprocessing
 import os
@@ -45,11 +44,19 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 
 from conversion.convert import ConversionConfig, convert
-from crowdplay_minari.loading import CACHE_ENV, CrowdPlayDataset, EpisodeView, load_dataset
-from crowdplay_minari.processing import ProcessingConfig, process_trajectory
+from crowdplay_minari.frame_store import StoredFrames
+from crowdplay_minari.loading import (
+    CACHE_ENV,
+    CrowdPlayDataset,
+    EpisodeView,
+    _atomic_save,
+    load_dataset,
+)
+from crowdplay_minari.processing import ProcessingConfig, compact_trajectory
 
 from ._common import make_sample, median, parser, scratch_dir, table, verdict, write_json
 
@@ -66,7 +73,7 @@ TARGETS: dict[tuple[str, str], float] = {
 }
 SELECTION_EPISODES = 10_000
 MINARI_ROOT_ENV = "MINARI_DATASETS_PATH"
-STAGES = ("load_dataset", "read_frames", "process", "cache_write")
+STAGES = ("load_dataset", "decode_and_process", "cache_write", "assemble")
 
 
 # -- CrowdPlay's path ----------------------------------------------------------------------------
@@ -166,8 +173,9 @@ def ours_load(minari_root: str, cache_dir: str, options: dict) -> list[tuple]:
 
 
 def ours_cold_stages(minari_root: str, cache_dir: str, options: dict) -> dict[str, float]:
-    """`ours_load` cold, split into its stages (what `EpisodeView.process` does, step by step):
-    reading the metadata, decoding the stored frames, processing, writing the cache entry."""
+    """`ours_load` cold, split into the stages of `EpisodeView.process`: reading the metadata,
+    decoding and processing the frames (one threaded pass over the stored chunks), writing the
+    cache entry, and assembling the stacked observations."""
     os.environ[MINARI_ROOT_ENV] = minari_root
     os.environ[CACHE_ENV] = cache_dir
     config = ProcessingConfig(crowdplay_compat=True, **options)
@@ -177,27 +185,27 @@ def ours_cold_stages(minari_root: str, cache_dir: str, options: dict) -> dict[st
     stages["load_dataset"] = time.perf_counter() - started
     for episode in data:
         started = time.perf_counter()
-        arrays = episode.load()
-        read = time.perf_counter()
-        n = arrays.actions.shape[0]
-        steps = process_trajectory(
-            arrays.observations[:n],
-            arrays.actions,
-            arrays.rewards,
-            arrays.terminations,
-            truncated=bool(arrays.truncations[-1]),
-            config=config,
-        )
+        with h5py.File(episode.data_file, "r") as file:
+            group = file[f"episode_{episode.index}"]
+            steps = episode._step_arrays(group)
+            compact = compact_trajectory(
+                StoredFrames(group["observations"], n_frames=len(steps["actions"])),
+                steps["actions"],
+                steps["rewards"],
+                steps["terminations"],
+                truncated=bool(steps["truncations"][-1]),
+                config=config,
+            )
         processed = time.perf_counter()
-        with open(
-            Path(cache_dir) / f"{episode.dataset_id.replace('/', '_')}-{episode.index}.npz", "wb"
-        ) as file:
-            np.savez(file, **{f.name: getattr(steps, f.name) for f in dataclasses.fields(steps)})
+        _atomic_save(
+            Path(cache_dir) / f"{episode.dataset_id.replace('/', '_')}-{episode.index}", compact
+        )
         written = time.perf_counter()
-        stages["read_frames"] += read - started
-        stages["process"] += processed - read
+        compact.assemble(config)
+        assembled = time.perf_counter()
+        stages["decode_and_process"] += processed - started
         stages["cache_write"] += written - processed
-        del arrays, steps
+        stages["assemble"] += assembled - written
     return stages
 
 
@@ -331,7 +339,7 @@ def _restored_environment(*names: str) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parser(__doc__.splitlines()[0], repeats=3).parse_args(argv)
+    args = parser(__doc__.splitlines()[0], repeats=5).parse_args(argv)
     results: dict = {
         "config": {
             "episodes": args.episodes,

@@ -16,6 +16,8 @@ status of the command is 2.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime as dt
 import json
@@ -25,6 +27,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +43,7 @@ from crowdplay_minari.raw import (
     trajectory_files,
 )
 
-from .episode_writer import LIBVER, write_staged_episode
+from .episode_writer import LIBVER, FrameChunkCompressor, write_staged_episode
 from .layout import (
     DEFAULT_NAMESPACE,
     DatasetKey,
@@ -101,6 +104,7 @@ def stage_episode(job: EpisodeJob) -> EpisodeResult:
             raise TrajectoryNotFoundError(path, "trajectory file not found")
         path = files[0]
         episode = parse_steps(load_steps(path), meta, path, agents=None)
+        compressor = FrameChunkCompressor()
         for agent_id in job.agents:
             if agent_id not in episode.agents:
                 raise CrowdPlayDataError(path, f"agent {agent_id} missing from trajectory")
@@ -108,7 +112,7 @@ def stage_episode(job: EpisodeJob) -> EpisodeResult:
             target = job.staging / "episodes" / _slug(key.dataset_id)
             target.mkdir(parents=True, exist_ok=True)
             write_staged_episode(
-                target / f"{meta.episode_id}.h5", episode, episode.agents[agent_id]
+                target / f"{meta.episode_id}.h5", episode, episode.agents[agent_id], compressor
             )
             result.staged.append((key.dataset_id, agent_id))
         result.frames = episode.num_steps
@@ -125,15 +129,45 @@ def stage_episode(job: EpisodeJob) -> EpisodeResult:
 # -- executors ---------------------------------------------------------------------------------
 
 
-def _run_local(jobs: list[EpisodeJob], workers: int) -> Iterator[EpisodeResult]:
-    if workers <= 1:
-        yield from map(stage_episode, jobs)
+def keep_freed_memory() -> None:
+    """Make this (worker) process keep the memory it frees, for the next episode.
+
+    Staging an episode allocates about three times its frames (decompressed pickle, per-step
+    arrays, stacked frames) and frees them all. By default glibc returns that memory to the
+    system (every allocation over 32 MiB is its own mmap, and the heap top is trimmed), so each
+    episode faults its pages in afresh, which on virtual machines costs as much as the copying
+    into them and scales badly across workers. Serving everything from the heap and never
+    trimming it keeps a worker at the size of its largest episode so far, and makes later
+    episodes reuse that memory. Only for worker processes: it changes the process for good.
+    No-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
         return
+    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    mallopt(_M_MMAP_MAX, 0)
+
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_MAX = -4
+
+
+def _stage_in_ray_worker(job: EpisodeJob) -> EpisodeResult:
+    keep_freed_memory()  # idempotent; Ray reuses its worker processes
+    return stage_episode(job)
+
+
+def _run_local(jobs: list[EpisodeJob], workers: int) -> Iterator[EpisodeResult]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    # Even one worker is a child process: `keep_freed_memory` must not change the caller's.
     context = multiprocessing.get_context()
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max(1, workers), mp_context=context, initializer=keep_freed_memory
+    ) as pool:
         futures = [pool.submit(stage_episode, job) for job in jobs]
         for future in as_completed(futures):
             yield future.result()
@@ -152,7 +186,7 @@ def _run_ray(jobs: list[EpisodeJob], workers: int, address: str | None) -> Itera
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_cpus=1, max_retries=2)(stage_episode)
+    remote = ray.remote(num_cpus=1, max_retries=2)(_stage_in_ray_worker)
     try:
         pending = []
         queue = list(jobs)
@@ -362,40 +396,72 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
 
     from tqdm import tqdm
 
-    results = (
-        _run_ray(jobs, config.workers, config.ray_address)
-        if config.executor == "ray"
-        else _run_local(jobs, config.workers)
-    )
-    bar = tqdm(total=len(jobs), unit="episode", desc="converting", disable=not config.progress)
-    for result in results:
-        bar.update(1)
-        if result.error:
-            entry = {
-                "episode_id": result.episode_id,
-                "file": result.error_file,
-                "error": result.error.strip().splitlines()[0],
-            }
-            report.skipped.append(entry)
-            log(f"SKIPPED {entry['file']}: {entry['error']}")
-        else:
-            report.episodes_converted += 1
-            report.frames_converted += result.frames
-    bar.close()
-
     _ensure_namespaces(root, config.namespace, {k.game for k in keys.values()})
-    for dataset in sorted(keys):
+    # Each dataset is published as soon as its last episode is staged, by a thread of this
+    # (otherwise idle) process, so publishing overlaps the staging of the remaining episodes
+    # instead of following it. (The local executor forks all its workers at its first submit,
+    # before any publishing starts.)
+    datasets_of = {
+        job.metadata.episode_id: [
+            DatasetKey(config.namespace, job.metadata.game, job.metadata.task, a).dataset_id
+            for a in job.agents
+        ]
+        for job in jobs
+    }
+    waiting = {dataset: 0 for dataset in keys}
+    for datasets in datasets_of.values():
+        for dataset in datasets:
+            waiting[dataset] += 1
+    publisher = ThreadPoolExecutor(1, thread_name_prefix="publish")
+    publishing: dict[str, Future] = {}
+
+    def publish_when_staged(dataset: str) -> None:
         staged_dir = staging / "episodes" / _slug(dataset)
-        has_new = staged_dir.exists() and any(staged_dir.glob("*.h5"))
-        if has_new:
-            report.datasets[dataset] = publish_dataset(root, staging, keys[dataset])
-        elif (root / dataset / "data" / "metadata.json").exists():
-            with open(root / dataset / "data" / "metadata.json") as f:
-                meta = json.load(f)
-            report.datasets[dataset] = {
-                "episodes": meta["total_episodes"],
-                "steps": meta["total_steps"],
-            }
+        if staged_dir.exists() and any(staged_dir.glob("*.h5")):
+            publishing[dataset] = publisher.submit(publish_dataset, root, staging, keys[dataset])
+
+    try:
+        results = (
+            _run_ray(jobs, config.workers, config.ray_address)
+            if config.executor == "ray"
+            else _run_local(jobs, config.workers)
+        )
+        bar = tqdm(total=len(jobs), unit="episode", desc="converting", disable=not config.progress)
+        for result in results:
+            bar.update(1)
+            if result.error:
+                entry = {
+                    "episode_id": result.episode_id,
+                    "file": result.error_file,
+                    "error": result.error.strip().splitlines()[0],
+                }
+                report.skipped.append(entry)
+                log(f"SKIPPED {entry['file']}: {entry['error']}")
+            else:
+                report.episodes_converted += 1
+                report.frames_converted += result.frames
+            for dataset in datasets_of[result.episode_id]:
+                waiting[dataset] -= 1
+                if waiting[dataset] == 0:
+                    publish_when_staged(dataset)
+        bar.close()
+        # Episodes staged by an earlier, interrupted run: published last, because the local
+        # executor forks its workers, which must not happen while a publisher thread is busy.
+        for dataset in sorted(keys):
+            if dataset not in publishing and waiting[dataset] == 0:
+                publish_when_staged(dataset)
+        for dataset in sorted(keys):
+            if dataset in publishing:
+                report.datasets[dataset] = publishing[dataset].result()
+            elif (root / dataset / "data" / "metadata.json").exists():
+                with open(root / dataset / "data" / "metadata.json") as f:
+                    meta = json.load(f)
+                report.datasets[dataset] = {
+                    "episodes": meta["total_episodes"],
+                    "steps": meta["total_steps"],
+                }
+    finally:
+        publisher.shutdown(wait=True)
     report.seconds = time.perf_counter() - started
     report.finished = dt.datetime.now().isoformat(timespec="seconds")
     report_path = root / config.namespace / REPORT_NAME

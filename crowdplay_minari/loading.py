@@ -38,12 +38,20 @@ import hdf5plugin  # noqa: F401  (registers the zstd filter the frames are store
 import numpy as np
 
 from .attributes import decode_attributes, nested_from_flat
-from .processing import ProcessedTrajectory, ProcessingConfig, process_trajectory
+from .frame_store import StoredFrames
+from .processing import (
+    CompactTrajectory,
+    FrameStacks,
+    ProcessedTrajectory,
+    ProcessingConfig,
+    compact_trajectory,
+    read_all_frames,
+)
 from .statistics import task_adherence_key
 
 CACHE_ENV = "CROWDPLAY_MINARI_CACHE"
-_CACHE_FORMAT = 3  # bump when processing or the file layout changes (3: raw .npy records)
-_CACHE_FIELDS = tuple(f.name for f in dataclasses.fields(ProcessedTrajectory))
+_CACHE_FORMAT = 4  # bump when processing or the file layout changes (4: FrameStacks records)
+_CACHE_FIELDS = ("frames", "rows", "actions", "rewards", "terminals", "timeouts", "frame_indices")
 
 
 def default_cache_dir() -> Path:
@@ -148,48 +156,58 @@ class EpisodeView:
         )
 
     # -- data ----------------------------------------------------------------------------------
-    def load(self, *, observations: bool = True) -> EpisodeArrays:
-        """The stored arrays (observations decoded only if asked); rewards are int64 again when
-        CrowdPlay's were integers (Minari stores them as float64)."""
+    def load(self, *, observations: bool = True, infos: bool = True) -> EpisodeArrays:
+        """The stored arrays (observations and infos read only if asked); rewards are int64
+        again when CrowdPlay's were integers (Minari stores them as float64)."""
         with h5py.File(self.data_file, "r") as file:
             group = file[f"episode_{self.index}"]
-            infos = _read_group(group["infos"]) if "infos" in group else {}
-            rewards = group["rewards"][()]
-            # The converter records the return as a Python int exactly when the raw rewards
-            # were integers; summing them as floats would change the processed rewards' dtype.
-            if isinstance(self.metadata.get("episode_return"), int):
-                rewards = rewards.astype(np.int64)
+            frames = StoredFrames(group["observations"]) if observations else None
             return EpisodeArrays(
-                observations=group["observations"][()] if observations else np.empty(0),
-                actions=group["actions"][()],
-                rewards=rewards,
-                terminations=group["terminations"][()],
-                truncations=group["truncations"][()],
-                infos=infos,
+                observations=read_all_frames(frames) if frames is not None else np.empty(0),
+                infos=_read_group(group["infos"]) if infos and "infos" in group else {},
+                **self._step_arrays(group),
             )
 
+    def _step_arrays(self, group: h5py.Group) -> dict[str, np.ndarray]:
+        rewards = group["rewards"][()]
+        # The converter records the return as a Python int exactly when the raw rewards were
+        # integers; summing them as floats would change the processed rewards' dtype.
+        if isinstance(self.metadata.get("episode_return"), int):
+            rewards = rewards.astype(np.int64)
+        return {
+            "actions": group["actions"][()],
+            "rewards": rewards,
+            "terminations": group["terminations"][()],
+            "truncations": group["truncations"][()],
+        }
+
     def process(self, config: ProcessingConfig, *, cache: bool = True) -> ProcessedTrajectory:
-        """This episode processed with `config`, served from the on-disk cache when possible."""
+        """This episode processed with `config`, served from the on-disk cache when possible.
+
+        Frames are decoded chunk by chunk straight into the processing (never the whole episode
+        at once); the cache keeps each processed frame once (`FrameStacks`), not every stacked
+        observation, and stacking them again is a fast gather.
+        """
         path = self._cache_path(config) if cache else None
         if path is not None and path.exists():
             try:
-                return ProcessedTrajectory(**_read_cache_entry(path))
+                return _read_cache_entry(path).assemble(config)
             except (OSError, ValueError, EOFError):
                 path.unlink(missing_ok=True)  # damaged cache entry: recompute
-        arrays = self.load()
-        n = arrays.actions.shape[0]
-        result = process_trajectory(
-            arrays.observations[:n],
-            arrays.actions,
-            arrays.rewards,
-            arrays.terminations,
-            truncated=bool(arrays.truncations[-1]),
-            config=config,
-        )
+        with h5py.File(self.data_file, "r") as file:
+            group = file[f"episode_{self.index}"]
+            steps = self._step_arrays(group)
+            compact = compact_trajectory(
+                StoredFrames(group["observations"], n_frames=len(steps["actions"])),
+                steps["actions"],
+                steps["rewards"],
+                steps["terminations"],
+                truncated=bool(steps["truncations"][-1]),
+                config=config,
+            )
         if path is not None:
-            # not dataclasses.asdict: it deep-copies every array before saving
-            _atomic_save(path, {name: getattr(result, name) for name in _CACHE_FIELDS})
-        return result
+            _atomic_save(path, compact)
+        return compact.assemble(config)
 
     def get_processed_trajectory(
         self,
@@ -307,28 +325,35 @@ def _read_group(group: h5py.Group) -> dict[str, Any]:
     }
 
 
-def _atomic_save(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+def _atomic_save(path: Path, compact: CompactTrajectory) -> None:
     """One cache entry: the arrays as consecutive `.npy` records, in `_CACHE_FIELDS` order.
 
     Plain records rather than `np.savez`: a zip container checksums and copies every byte, which
     cost a quarter of a cold load; these are written with `tofile` and read with `readinto`."""
+    arrays = {"frames": compact.stacks.frames, "rows": compact.stacks.rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             for name in _CACHE_FIELDS:
-                np.lib.format.write_array(f, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+                array = arrays[name] if name in arrays else getattr(compact, name)
+                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a full disk only costs the cache, never the result
 
 
-def _read_cache_entry(path: Path) -> dict[str, np.ndarray]:
+def _read_cache_entry(path: Path) -> CompactTrajectory:
     with open(path, "rb") as f:
         arrays = {name: np.lib.format.read_array(f, allow_pickle=False) for name in _CACHE_FIELDS}
         if f.read(1):
             raise ValueError(f"{path}: trailing data in cache entry")
-    return arrays
+    frames, rows = arrays.pop("frames"), arrays.pop("rows")
+    if frames.dtype != np.uint8 or rows.ndim != 2 or len(rows) != len(arrays["actions"]):
+        raise ValueError(f"{path}: inconsistent cache entry")
+    if rows.size and not -1 <= rows.min() <= rows.max() < len(frames):
+        raise ValueError(f"{path}: cache entry stacks frames it does not hold")
+    return CompactTrajectory(stacks=FrameStacks(frames, rows), **arrays)
 
 
 # -- datasets ------------------------------------------------------------------------------------

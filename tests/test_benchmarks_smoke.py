@@ -54,6 +54,7 @@ def test_bench_conversion_reports_targets_sizes_memory_and_layouts(tmp_path: Pat
     fps = results["throughput"]["frames_per_second"]
     assert set(fps) == {
         "bare",
+        "bare_2_workers",
         "convert_1_worker",
         "convert_2_workers",
         "staging_1_worker",
@@ -62,6 +63,7 @@ def test_bench_conversion_reports_targets_sizes_memory_and_layouts(tmp_path: Pat
     assert all(value > 0 for value in fps.values())
     assert all(value > 0 for value in results["throughput"]["frames_per_second_best"].values())
     assert results["throughput"]["ratios_cpu"]["convert_1_worker_vs_bare"] > 0
+    assert results["throughput"]["ratios"]["bare_speedup_2_vs_1"] > 0
     assert all(cores > 0 for cores in results["throughput"]["cores_busy"].values())
     # Staging is part of a conversion, so it cannot take longer than the conversion around it.
     assert fps["staging_1_worker"] >= fps["convert_1_worker"]
@@ -83,7 +85,10 @@ def test_bench_conversion_reports_targets_sizes_memory_and_layouts(tmp_path: Pat
     assert memory["episode_frames_bytes"] == 150 * FRAME_BYTES
 
     layouts = results["layouts"]
-    assert [row["layout"] for row in layouts] == [name for name, _, _ in bench_conversion.LAYOUTS]
+    assert [row["layout"] for row in layouts] == [
+        *(name for name, _, _ in bench_conversion.LAYOUTS),
+        bench_conversion.CURRENT_LAYOUT,
+    ]
     for row in layouts:
         assert row["bytes_per_frame"] > 0
         assert row["write_frames_per_second"] > 0

@@ -289,8 +289,16 @@ def test_killed_conversion_resumes_without_redoing_work(raw_sample_bz2, tmp_path
         "--quiet",
     ]
     staged = root / STAGING_DIR / "episodes"
-    # Kill the run at a few points: while staging, and later (possibly while publishing).
-    for wait_for_staged in (1, 4):
+
+    def staged_files() -> int:
+        return len(list(staged.glob("*/*.h5")))
+
+    def published_datasets() -> int:
+        return len(list(root.glob("crowdplay/*/*/data/metadata.json")))
+
+    # Kill the run at two points: while staging its first episode, and once datasets are
+    # being published (each is published as soon as its episodes are staged, during staging).
+    for ready in (lambda: staged_files() >= 1, lambda: published_datasets() >= 1):
         proc = subprocess.Popen(
             cmd,
             env=_env(root),
@@ -301,14 +309,14 @@ def test_killed_conversion_resumes_without_redoing_work(raw_sample_bz2, tmp_path
         )
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            if len(list(staged.glob("*/*.h5"))) >= wait_for_staged:
+            if ready():
                 break
             time.sleep(0.05)
+        assert proc.poll() is None, "the conversion finished before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         _loadable_datasets_are_whole(root)  # never a half-written dataset
-    done_before = len(list(staged.glob("*/*.h5")))
-    assert done_before >= 1
+    assert staged_files() + published_datasets() >= 1
     final = subprocess.run(
         cmd, env=_env(root), cwd=REPO, capture_output=True, text=True, timeout=600
     )
@@ -354,3 +362,39 @@ def test_ray_executor_converts_the_same(raw_sample_bz2, tmp_path, converted):
     assert report.ok and report.datasets == converted[1].datasets
     os.environ["MINARI_DATASETS_PATH"] = str(root)
     assert verify(raw_sample_bz2, sorted(report.datasets), log=lambda s: None).ok
+
+
+_FAULTS_SCRIPT = """
+import resource, sys
+import numpy as np
+from conversion.convert import keep_freed_memory
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+def faults_of_an_episode():
+    # what staging allocates: the decompressed pickle (one bytes object, over glibc's mmap
+    # threshold) and one small array per step
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    data = b"x" * (700 * 100_800)
+    steps = [np.ones(100_800, dtype=np.uint8) for _ in range(700)]
+    del data, steps
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_an_episode()
+print(faults_of_an_episode())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_workers_reuse_freed_memory_for_the_next_episode():
+    def second_episode_faults(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS_SCRIPT, mode],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(out.stdout)
+
+    pages = 2 * 700 * 100_800 // 4096
+    assert second_episode_faults("default") > pages // 2  # fresh pages every time
+    assert second_episode_faults("keep") < pages // 20  # the first episode's pages again

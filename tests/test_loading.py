@@ -9,6 +9,7 @@ raw -> Minari -> loader is compared bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import time
@@ -638,12 +639,12 @@ def test_processed_trajectories_are_cached(
     (entry,) = _cache_files(cache_dir)
 
     # served from the cache file: computing again would fail
-    real_process = loading.process_trajectory
+    real_process = loading.compact_trajectory
 
     def no_processing(*args, **kwargs):
         raise AssertionError("processed again instead of read from the cache")
 
-    monkeypatch.setattr(loading, "process_trajectory", no_processing)
+    monkeypatch.setattr(loading, "compact_trajectory", no_processing)
     second = episode.get_processed_trajectory(**options)
     for a, b in zip(first, second, strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
@@ -656,7 +657,7 @@ def test_processed_trajectories_are_cached(
         calls.append(kwargs["config"])
         return real_process(*args, **kwargs)
 
-    monkeypatch.setattr(loading, "process_trajectory", counting)
+    monkeypatch.setattr(loading, "compact_trajectory", counting)
     episode.get_processed_trajectory(**options, downsample_offset=1)
     assert len(calls) == 1 and len(_cache_files(cache_dir)) == 2
     episode.get_processed_trajectory(**options, crowdplay_compat=True)
@@ -682,11 +683,24 @@ def test_processed_trajectories_are_cached(
     for a, b in zip(first, fourth, strict=True):
         assert np.array_equal(a, b)
 
+    # an entry whose stacks point past its frames is damaged too
+    compact = loading._read_cache_entry(entry)
+    loading._atomic_save(
+        entry,
+        dataclasses.replace(
+            compact, stacks=loading.FrameStacks(compact.stacks.frames[:-1], compact.stacks.rows)
+        ),
+    )
+    fifth = episode.get_processed_trajectory(**options)
+    assert len(calls) == 5
+    for a, b in zip(first, fifth, strict=True):
+        assert np.array_equal(a, b)
+
     # the other player of the same game (same episode id) has its own entries
     p0 = _one(data, game="space_invaders_2p", agent=P0)
     p0.get_processed_trajectory(**options)
     p0.get_processed_trajectory(agent=P1, **options)
-    assert len(calls) == 6 and len(_cache_files(cache_dir)) == 6
+    assert len(calls) == 7 and len(_cache_files(cache_dir)) == 6
     assert all(path.is_relative_to(cache_dir) for path in _cache_files(cache_dir))
 
 

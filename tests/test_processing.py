@@ -227,6 +227,50 @@ def test_batched_resize_is_bit_exact(episode: Episode, width: int, height: int) 
             assert np.array_equal(out[i], single), (n, i)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 32])
+def test_repeated_frames_are_resized_once_and_exactly(
+    episode: Episode, n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gray = cv2.cvtColor(episode.frames.reshape(-1, 160, 3), cv2.COLOR_RGB2GRAY)
+    frames = gray.reshape(-1, 210, 160)
+    distinct: list[int] = []  # real screens, pairwise different
+    for i in range(len(frames)):
+        if all(not np.array_equal(frames[i], frames[j]) for j in distinct):
+            distinct.append(i)
+        if len(distinct) == 7:
+            break
+    # repeats one and two back, and a repeat further back (not looked for)
+    pick = np.array(distinct)[np.array([0, 0, 1, 0, 2, 3, 3, 3, 4, 5, 4, 6] * 3)[:n]]
+    stack = np.ascontiguousarray(frames[pick]).reshape(-1, 160)
+    config = ProcessingConfig()
+    resized = []
+
+    def counting(gray, n, config, out):
+        resized.append(n)
+        return _resize_frames(gray, n, config, out)
+
+    monkeypatch.setattr(processing, "_resize_frames", counting)
+    out = np.empty((n, 84, 84), dtype=np.uint8)
+    processing._resize_unique_frames(stack, n, config, out)
+    for i in range(n):
+        single = cv2.resize(frames[pick[i]], (84, 84), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(out[i], single), i
+    distinct_runs = 1 + sum(
+        all(pick[i] != pick[i - b] for b in (1, 2) if i - b >= 0) for i in range(1, n)
+    )
+    assert sum(resized) == distinct_runs
+    if n == 32:
+        assert distinct_runs < n * 3 // 4  # the duplicates were found, not resized again
+
+
+def test_episode_has_repeated_gray_frames(episode: Episode) -> None:
+    # what makes `_resize_unique_frames` pay on real play (and exercised by every test above)
+    gray = cv2.cvtColor(episode.frames.reshape(-1, 160, 3), cv2.COLOR_RGB2GRAY)
+    words = gray.reshape(len(episode.frames), -1)
+    repeats = (words[1:] == words[:-1]).all(axis=1).mean()
+    assert repeats > 0.05
+
+
 def test_tall_resize_only_for_exact_scales() -> None:
     assert _tall_resize_is_exact(84, 84)
     assert _tall_resize_is_exact(84, 105)
