@@ -5,9 +5,11 @@ it):
 1. **stage**: each episode is read (one episode in memory per worker) and written as one HDF5 file
    per agent, `episodes/<dataset>/<crowdplay_episode_id>.h5`, atomically (tmp + rename). A finished
    file is never redone; a killed run leaves at worst a `.tmp`, which the next run deletes.
-2. **publish**: per dataset, a complete Minari dataset directory is assembled in staging (already
-   published episodes plus new staged ones, copied chunk-for-chunk without recompression), then
-   swapped into place with directory renames. Minari never sees a half-written dataset.
+2. **publish**: per dataset, as soon as its last episode is staged (so publishing overlaps the
+   staging of other datasets' episodes), a complete Minari dataset directory is assembled in
+   staging (already published episodes plus new staged ones, copied chunk-for-chunk without
+   recompression), then swapped into place with directory renames. Minari never sees a
+   half-written dataset.
 
 A corrupt, truncated, missing or malicious input file is reported by name (stdout and
 `<root>/<namespace>/conversion_report.json`); every other episode still converts, and the exit
