@@ -42,6 +42,17 @@ def parser(description: str, *, repeats: int) -> argparse.ArgumentParser:
     return p
 
 
+def run_config(args: argparse.Namespace) -> dict:
+    """The options `parser` took, and the CPU count, as a results' `config` entry."""
+    return {
+        "episodes": args.episodes,
+        "frames": args.frames,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "cpus": os.cpu_count(),
+    }
+
+
 @contextlib.contextmanager
 def scratch_dir(path: Path | None) -> Iterator[Path]:
     """`path` (created, kept) or a temporary directory removed afterwards."""

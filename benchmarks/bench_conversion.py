@@ -28,7 +28,6 @@ import contextlib
 import itertools
 import json
 import multiprocessing
-import os
 import pickle
 import resource
 import time
@@ -42,7 +41,7 @@ import numpy as np
 
 import conversion.convert as convert_module
 from conversion.convert import ConversionConfig, EpisodeJob, convert, stage_episode
-from conversion.episode_writer import FRAME_CHUNK, LIBVER, FrameChunkCompressor
+from conversion.episode_writer import LIBVER, write_observations
 from conversion.layout import DEFAULT_NAMESPACE
 from crowdplay_minari.episode import FRAME_SHAPE
 from crowdplay_minari.raw import RawDataset
@@ -52,6 +51,7 @@ from ._common import (
     make_sample,
     median,
     parser,
+    run_config,
     scratch_dir,
     table,
     verdict,
@@ -236,18 +236,8 @@ def layout_cases(frames: np.ndarray, work: Path) -> tuple[dict[str, Callable], d
     path = files[CURRENT_LAYOUT] = work / "layout-current.h5"
 
     def write_current() -> None:
-        # as the writer stores them: N + 1 frames, the last one repeated
         with h5py.File(path, "w", libver=LIBVER) as file:
-            chunk = min(FRAME_CHUNK, n + 1)
-            dataset = file.create_dataset(
-                "observations",
-                shape=(n + 1, *FRAME_SHAPE),
-                dtype=np.uint8,
-                chunks=(chunk, *FRAME_SHAPE),
-                **hdf5plugin.Zstd(),
-            )
-            for index, data in enumerate(FrameChunkCompressor().chunks(frames, chunk)):
-                dataset.id.write_direct_chunk((index * chunk, 0, 0, 0), data)
+            write_observations(file, frames)  # N + 1 frames, as the converter stores them
 
     cases[f"write {CURRENT_LAYOUT}"] = write_current
     cases[f"read {CURRENT_LAYOUT}"] = lambda: read(path)
@@ -283,15 +273,7 @@ def layout_table(frames: np.ndarray, work: Path, repeats: int) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parser(__doc__.splitlines()[0], repeats=5).parse_args(argv)
-    results: dict = {
-        "config": {
-            "episodes": args.episodes,
-            "frames": args.frames,
-            "repeats": args.repeats,
-            "seed": args.seed,
-            "cpus": os.cpu_count(),
-        }
-    }
+    results: dict = {"config": run_config(args)}
     with scratch_dir(args.workdir) as work:
         print("generating a bz2-only sample ...", flush=True)
         raw_dir = work / "raw"

@@ -44,11 +44,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
-import h5py
 import numpy as np
 
 from conversion.convert import ConversionConfig, convert
-from crowdplay_minari.frame_store import StoredFrames
 from crowdplay_minari.loading import (
     CACHE_ENV,
     CrowdPlayDataset,
@@ -56,9 +54,18 @@ from crowdplay_minari.loading import (
     _atomic_save,
     load_dataset,
 )
-from crowdplay_minari.processing import ProcessingConfig, compact_trajectory
+from crowdplay_minari.processing import ProcessingConfig
 
-from ._common import make_sample, median, parser, scratch_dir, table, verdict, write_json
+from ._common import (
+    make_sample,
+    median,
+    parser,
+    run_config,
+    scratch_dir,
+    table,
+    verdict,
+    write_json,
+)
 
 PRESETS: dict[str, dict] = {
     "default": {},
@@ -185,17 +192,7 @@ def ours_cold_stages(minari_root: str, cache_dir: str, options: dict) -> dict[st
     stages["load_dataset"] = time.perf_counter() - started
     for episode in data:
         started = time.perf_counter()
-        with h5py.File(episode.data_file, "r") as file:
-            group = file[f"episode_{episode.index}"]
-            steps = episode._step_arrays(group)
-            compact = compact_trajectory(
-                StoredFrames(group["observations"], n_frames=len(steps["actions"])),
-                steps["actions"],
-                steps["rewards"],
-                steps["terminations"],
-                truncated=bool(steps["truncations"][-1]),
-                config=config,
-            )
+        compact = episode.compact(config, cache=False)
         processed = time.perf_counter()
         _atomic_save(
             Path(cache_dir) / f"{episode.dataset_id.replace('/', '_')}-{episode.index}", compact
@@ -340,15 +337,7 @@ def _restored_environment(*names: str) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parser(__doc__.splitlines()[0], repeats=5).parse_args(argv)
-    results: dict = {
-        "config": {
-            "episodes": args.episodes,
-            "frames": args.frames,
-            "repeats": args.repeats,
-            "seed": args.seed,
-            "cpus": os.cpu_count(),
-        }
-    }
+    results: dict = {"config": run_config(args)}
     with scratch_dir(args.workdir) as work, _restored_environment(CACHE_ENV, MINARI_ROOT_ENV):
         work = work.resolve()
         print("generating a bz2-only sample and converting it ...", flush=True)

@@ -31,6 +31,7 @@ from ._common import (
     make_sample,
     median,
     parser,
+    run_config,
     scratch_dir,
     table,
     write_json,
@@ -81,14 +82,7 @@ def reader_cases(raw: RawDataset, episode_ids: list[str], suffix: str) -> dict[s
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parser(__doc__.splitlines()[0], repeats=3).parse_args(argv)
-    results: dict = {
-        "config": {
-            "episodes": args.episodes,
-            "frames": args.frames,
-            "repeats": args.repeats,
-            "seed": args.seed,
-        }
-    }
+    results: dict = {"config": run_config(args)}
     with scratch_dir(args.workdir) as work:
         # -- 1. sample generation (one run each: a run takes about a minute at the defaults) --
         generation = {}

@@ -76,6 +76,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -706,6 +707,17 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
     curve_path = cell_dir / "curve.jsonl"
     _truncate_curve(curve_path, done_steps)
 
+    evaluate = functools.partial(
+        play_episodes,
+        algo,
+        game,
+        task,
+        n_frames=cell.n_frames,
+        max_frames=cell.eval_max_frames,
+        noop_max=cell.eval_noop_max,
+        seed=cell.seed,
+    )
+
     # Training: one checkpoint and one curve point per epoch.
     loss_key = ALGORITHMS[cell.algorithm].loss_key
     remaining = cell.steps - done_steps
@@ -727,17 +739,7 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
             if "heldout_action_match" in metrics:
                 point["heldout_action_match"] = float(metrics["heldout_action_match"])
             if cell.epoch_eval_episodes:
-                played = play_episodes(
-                    algo,
-                    game,
-                    task,
-                    n_frames=cell.n_frames,
-                    episodes=cell.epoch_eval_episodes,
-                    max_frames=cell.eval_max_frames,
-                    noop_max=cell.eval_noop_max,
-                    seed=cell.seed,
-                    stream=1,
-                )
+                played = evaluate(episodes=cell.epoch_eval_episodes, stream=1)
                 point["eval_return"] = float(np.mean([e["return"] for e in played]))
             point["metrics"] = {k: float(v) for k, v in metrics.items()}
             with open(curve_path, "a") as f:
@@ -749,16 +751,7 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
     os.replace(tmp, cell_dir / "model.d3")
 
     # Evaluation in the environment.
-    played = play_episodes(
-        algo,
-        game,
-        task,
-        n_frames=cell.n_frames,
-        episodes=cell.eval_episodes,
-        max_frames=cell.eval_max_frames,
-        noop_max=cell.eval_noop_max,
-        seed=cell.seed,
-    )
+    played = evaluate(episodes=cell.eval_episodes)
     returns = np.array([e["return"] for e in played])
     adherences = [e["task_adherence"] for e in played if e["task_adherence"] is not None]
     eval_return = float(returns.mean())

@@ -46,20 +46,20 @@ LIBVER = "latest"  # compact chunk indexes: ~3 KB less per dataset than HDF5's v
 
 
 class FrameChunkCompressor:
-    """Compresses an episode's frames into zstd chunks, once per distinct frame array: the
-    two players of a two-player game see the same screens, and their datasets share the
-    compressed chunks instead of compressing them twice."""
+    """Compresses an episode's frames into zstd chunks, once per frame array: the two players
+    of a two-player game see the same screens, which the reader gives both as one array (it
+    compares them), and their datasets share the compressed chunks."""
 
     def __init__(self) -> None:
         self._compressor = zstandard.ZstdCompressor(compression_params=FRAME_ZSTD)
-        self._last: tuple[np.ndarray, list[bytes]] | None = None
+        self._last: tuple[np.ndarray, int, list[bytes]] | None = None
 
     def chunks(self, frames: np.ndarray, chunk: int) -> list[bytes]:
         """The compressed chunks of `frames` plus a repeat of the last frame (N+1 frames), each
         `chunk` frames long (the last one padded with black, as HDF5 stores edge chunks)."""
         if self._last is not None:
-            seen, compressed = self._last
-            if seen.shape == frames.shape and np.array_equal(seen, frames):
+            seen, seen_chunk, compressed = self._last
+            if seen is frames and seen_chunk == chunk:
                 return compressed
         n = len(frames)
         compressed = []
@@ -71,7 +71,7 @@ class FrameChunkCompressor:
                 data[: n - start] = frames[start:]
                 data[n - start] = frames[n - 1]
             compressed.append(self._compressor.compress(np.ascontiguousarray(data)))
-        self._last = (frames, compressed)
+        self._last = (frames, chunk, compressed)
         return compressed
 
 
@@ -124,17 +124,13 @@ def episode_attributes(episode: Episode, agent: AgentTrajectory) -> dict:
     return attributes
 
 
-def write_episode_group(
-    group: h5py.Group,
-    episode: Episode,
-    agent: AgentTrajectory,
-    compressor: FrameChunkCompressor | None = None,
-) -> None:
-    """Fill an (empty) HDF5 group with one Minari episode."""
-    n = agent.num_steps
-    frames = agent.frames
+def write_observations(
+    group: h5py.Group, frames: np.ndarray, compressor: FrameChunkCompressor | None = None
+) -> h5py.Dataset:
+    """The `observations` dataset: the N frames plus a repeat of the last (Minari's N+1)."""
+    n = len(frames)
     chunk = min(FRAME_CHUNK, n + 1)
-    obs = group.create_dataset(
+    observations = group.create_dataset(
         "observations",
         shape=(n + 1, *frames.shape[1:]),
         dtype=np.uint8,
@@ -143,7 +139,19 @@ def write_episode_group(
     )
     compressor = compressor or FrameChunkCompressor()
     for index, data in enumerate(compressor.chunks(frames, chunk)):
-        obs.id.write_direct_chunk((index * chunk, 0, 0, 0), data)
+        observations.id.write_direct_chunk((index * chunk, 0, 0, 0), data)
+    return observations
+
+
+def write_episode_group(
+    group: h5py.Group,
+    episode: Episode,
+    agent: AgentTrajectory,
+    compressor: FrameChunkCompressor | None = None,
+) -> None:
+    """Fill an (empty) HDF5 group with one Minari episode."""
+    n = agent.num_steps
+    write_observations(group, agent.frames, compressor)
     _small(group, "actions", agent.actions.astype(np.int64))
     _small(group, "rewards", agent.rewards.astype(np.float64))
     terminations = np.zeros(n, dtype=bool)

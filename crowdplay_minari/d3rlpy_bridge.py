@@ -18,16 +18,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from .loading import CrowdPlayDataset, EpisodeView
-from .processing import ProcessingConfig
+from .processing import ProcessingConfig, kept_frame_indices
 
 
 def kept_frames(num_steps: int, config: ProcessingConfig) -> int:
     """How many steps processing keeps from an episode of `num_steps` raw frames."""
-    k, o = config.downsample_frequency, config.downsample_offset
-    i = np.arange(num_steps)
-    if config.crowdplay_compat:
-        return int(np.count_nonzero((i % k == o) | (i % k == num_steps - 1)))
-    return len(range(o, num_steps, k))
+    return len(kept_frame_indices(num_steps, config))
 
 
 def split_episodes(
@@ -67,13 +63,13 @@ def to_arrays(
     for episode, length in zip(episodes, lengths, strict=True):
         if length == 0:
             continue
-        steps = episode.process(config)
+        steps = episode.compact(config)
         if len(steps.actions) != length:
             raise RuntimeError(
                 f"{episode}: expected {length} processed steps, got {len(steps.actions)}"
             )
         end = start + length
-        observations[start:end] = steps.observations
+        steps.stacks.observations(config, out=observations[start:end])  # stacked in place
         actions[start:end] = steps.actions
         rewards[start:end] = steps.rewards
         terminals[start:end] = steps.terminals

@@ -50,6 +50,19 @@ class DownloadError(Exception):
     """The dataset could not be downloaded, verified or unpacked; the message says why."""
 
 
+def _byte_bar(total: int, desc: str, progress: bool, initial: int = 0) -> tqdm:
+    """A progress bar counting bytes (hidden unless `progress`)."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=not progress,
+    )
+
+
 def download_dataset(
     dest: Path,
     url: str = DEFAULT_URL,
@@ -354,15 +367,7 @@ class _Transfer:
     def _receive(self, response: http.client.HTTPResponse, offset: int) -> int:
         """Append the body to the partial file; return how many bytes arrived."""
         if self.bar is None:
-            self.bar = tqdm(
-                total=self.total,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=ZIP_NAME,
-                disable=not self.progress,
-            )
+            self.bar = _byte_bar(self.total, ZIP_NAME, self.progress, initial=offset)
         else:
             self.bar.total = self.total
             self.bar.n = offset
@@ -428,14 +433,7 @@ def _integrity_problem(
         digest = hashlib.sha256()
         with (
             open(path, "rb") as file,
-            tqdm(
-                total=size,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc="sha256",
-                disable=not progress,
-            ) as bar,
+            _byte_bar(size, "sha256", progress) as bar,
         ):
             while chunk := file.read(_CHUNK_BYTES):
                 digest.update(chunk)
@@ -452,14 +450,7 @@ def _integrity_problem(
 def _crc_problem(archive: zipfile.ZipFile, progress: bool) -> str | None:
     """What ``ZipFile.testzip`` does (read every member, which checks its CRC-32), with a bar."""
     members = archive.infolist()
-    with tqdm(
-        total=sum(info.file_size for info in members),
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="CRC check",
-        disable=not progress,
-    ) as bar:
+    with _byte_bar(sum(info.file_size for info in members), "CRC check", progress) as bar:
         for info in members:
             try:
                 with archive.open(info) as member:
@@ -483,14 +474,7 @@ def _extract(zip_path: Path, target: Path, url: str, progress: bool) -> None:
         _check_free_space(target.parent, download=0, unpack=unpacked, what=f"unpack {zip_path}")
         staging.mkdir()
         try:
-            with tqdm(
-                total=unpacked,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc="unpack",
-                disable=not progress,
-            ) as bar:
+            with _byte_bar(unpacked, "unpack", progress) as bar:
                 for info, relative in plan:
                     out_path = staging.joinpath(*relative.parts)
                     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -182,7 +182,12 @@ class EpisodeView:
         }
 
     def process(self, config: ProcessingConfig, *, cache: bool = True) -> ProcessedTrajectory:
-        """This episode processed with `config`, served from the on-disk cache when possible.
+        """This episode processed with `config`, served from the on-disk cache when possible."""
+        return self.compact(config, cache=cache).assemble(config)
+
+    def compact(self, config: ProcessingConfig, *, cache: bool = True) -> CompactTrajectory:
+        """`process` with the observations not yet stacked (`CompactTrajectory.assemble` stacks
+        them, into a given array if need be): what the on-disk cache holds.
 
         Frames are decoded chunk by chunk straight into the processing (never the whole episode
         at once); the cache keeps each processed frame once (`FrameStacks`), not every stacked
@@ -191,7 +196,7 @@ class EpisodeView:
         path = self._cache_path(config) if cache else None
         if path is not None and path.exists():
             try:
-                return _read_cache_entry(path).assemble(config)
+                return _read_cache_entry(path)
             except (OSError, ValueError, EOFError):
                 path.unlink(missing_ok=True)  # damaged cache entry: recompute
         with h5py.File(self.data_file, "r") as file:
@@ -207,7 +212,7 @@ class EpisodeView:
             )
         if path is not None:
             _atomic_save(path, compact)
-        return compact.assemble(config)
+        return compact
 
     def get_processed_trajectory(
         self,

@@ -271,15 +271,32 @@ class FrameStacks:
     """`(M, stack_n)` int32: slot `s` (oldest first) of observation `m` is `frames[rows[m, s]]`,
     or black where it is -1 (before the episode start)."""
 
-    def observations(self, config: ProcessingConfig) -> np.ndarray:
-        """`(M, *config.observation_shape())` observations of `config.observation_dtype()`."""
+    def observations(self, config: ProcessingConfig, out: np.ndarray | None = None) -> np.ndarray:
+        """`(M, *config.observation_shape())` observations of `config.observation_dtype()`,
+        written into `out` when given (e.g. a slice of a whole selection's array)."""
+        shape = (len(self.rows), *config.observation_shape())
+        if out is None:
+            if self._frames_are_the_observations(config):
+                return self.frames.reshape(shape)
+            out = np.empty(shape, dtype=config.observation_dtype())
+        elif (
+            out.shape != shape
+            or out.dtype != config.observation_dtype()
+            or not out.flags.c_contiguous
+        ):
+            raise ValueError(
+                f"out must be a C-contiguous {config.observation_dtype()} array of shape {shape}, "
+                f"got {out.dtype} {out.shape}"
+            )
         if len(self.rows) == 0:
-            return np.empty((0, *config.observation_shape()), dtype=config.observation_dtype())
+            return out
         if self._frames_are_the_observations(config):
-            return self.frames.reshape(len(self.rows), *config.observation_shape())
+            out[...] = self.frames.reshape(shape)
+            return out
         table = _SCALE_TABLE[self.frames] if config.scale else self.frames
         black = self.rows < 0
-        return _gather_stacks(table, np.where(black, 0, self.rows), black, config)
+        _gather_stacks(table, np.where(black, 0, self.rows), black, config, out)
+        return out
 
     def _frames_are_the_observations(self, config: ProcessingConfig) -> bool:
         """True when observation `m` is exactly `frames[m]` in the output layout (one slot, in
@@ -339,8 +356,7 @@ def frame_stacks(
     frames: np.ndarray | FrameChunks, times: np.ndarray, config: ProcessingConfig
 ) -> FrameStacks:
     """`stacked_observations(frames, times, config)`, not yet assembled."""
-    if isinstance(frames, np.ndarray) or not hasattr(frames, "read_chunk"):
-        frames = _check_frames(frames)
+    frames = _check_frames(frames)
     times = np.asarray(times)
     if times.ndim != 1 or (times.size and not np.issubdtype(times.dtype, np.integer)):
         raise ValueError(f"times must be a 1-D integer array, got {times.dtype} {times.shape}")
@@ -388,6 +404,16 @@ def process_trajectory(
     return compact.assemble(config)
 
 
+def kept_frame_indices(n_frames: int, config: ProcessingConfig) -> np.ndarray:
+    """The raw frame indices an episode of `n_frames` frames keeps (see the module docstring):
+    `i % k == o or i % k == N - 1` in compat mode, `o, o + k, ...` otherwise."""
+    k, o = config.downsample_frequency, config.downsample_offset
+    if config.crowdplay_compat:
+        index = np.arange(n_frames)
+        return np.flatnonzero((index % k == o) | (index % k == n_frames - 1))
+    return np.arange(o, n_frames, k)
+
+
 def compact_trajectory(
     frames: np.ndarray | FrameChunks,
     actions: np.ndarray,
@@ -397,8 +423,7 @@ def compact_trajectory(
     config: ProcessingConfig,
 ) -> CompactTrajectory:
     """`process_trajectory`, with the observations left as `FrameStacks`."""
-    if isinstance(frames, np.ndarray) or not hasattr(frames, "read_chunk"):
-        frames = _check_frames(frames)
+    frames = _check_frames(frames)
     n_frames = len(frames)
     actions = _check_per_frame("actions", actions, n_frames)
     rewards = _check_per_frame("rewards", rewards, n_frames)
@@ -409,17 +434,15 @@ def compact_trajectory(
         or np.issubdtype(rewards.dtype, np.floating)
     ):
         raise ValueError(f"rewards must be numeric, got dtype {rewards.dtype}")
-    k, o = config.downsample_frequency, config.downsample_offset
+    k = config.downsample_frequency
+    kept = kept_frame_indices(n_frames, config)
 
     if config.crowdplay_compat:
-        index = np.arange(n_frames)
-        kept = np.flatnonzero((index % k == o) | (index % k == n_frames - 1))
         starts = np.concatenate(([0], kept + 1))[: len(kept)]
         kept_rewards = _segment_sums(rewards, starts, kept + 1)
         terminals = terminations[kept].astype(np.int64)
         timeouts = np.zeros(len(kept), dtype=np.int64)
     else:
-        kept = np.arange(o, n_frames, k)
         kept_rewards = _segment_sums(rewards, kept, np.minimum(kept + k, n_frames))
         terminals = np.zeros(len(kept), dtype=np.int64)
         timeouts = np.zeros(len(kept), dtype=np.int64)
@@ -437,7 +460,10 @@ def compact_trajectory(
     )
 
 
-def _check_frames(frames: np.ndarray) -> np.ndarray:
+def _check_frames(frames: np.ndarray | FrameChunks) -> np.ndarray | FrameChunks:
+    """`frames` as a checked `(N, 210, 160, 3)` uint8 array; `FrameChunks` pass as they are."""
+    if hasattr(frames, "read_chunk") and not isinstance(frames, np.ndarray):
+        return frames
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[1:] != FRAME_SHAPE or frames.dtype != np.uint8:
         raise ValueError(
@@ -473,14 +499,18 @@ def _segment_sums(values: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> 
 
 
 def _gather_stacks(
-    table: np.ndarray, rows: np.ndarray, black: np.ndarray, config: ProcessingConfig
-) -> np.ndarray:
-    """Assemble observations: slot `s` of observation `m` is `table[rows[m, s]]` (black where
-    `black[m, s]`), laid out like the reference's per-slot `np.concatenate(..., axis=-1)`.
+    table: np.ndarray,
+    rows: np.ndarray,
+    black: np.ndarray,
+    config: ProcessingConfig,
+    out: np.ndarray,
+) -> None:
+    """Assemble observations into `out`: slot `s` of observation `m` is `table[rows[m, s]]`
+    (black where `black[m, s]`), laid out like the reference's per-slot
+    `np.concatenate(..., axis=-1)`.
 
-    One thread: the output is fresh memory, and splitting its writes between threads made them
-    several times slower here (page faults and TLB shootdowns across CPUs)."""
-    out = np.empty((len(rows), *config.observation_shape()), dtype=table.dtype)
+    One thread: the output is usually fresh memory, and splitting its writes between threads
+    made them several times slower here (page faults and TLB shootdowns across CPUs)."""
     n_obs, stack_n = rows.shape
     frame_shape = table.shape[1:]
     if table.ndim == 3 and (config.framestack_axis_first or stack_n == 1):
@@ -489,7 +519,7 @@ def _gather_stacks(
         # mode="clip" (rows are valid anyway) lets numpy write into `out` without a buffer.
         np.take(table, rows.reshape(-1), axis=0, out=stacked.reshape(-1, *frame_shape), mode="clip")
         stacked[black] = 0
-        return out
+        return
 
     # Slots interleave as channels: gather a cache-sized block of each slot, then interleave
     # it into `out` with one cv2.merge (channels-last) or a numpy transpose (axis first).
@@ -530,7 +560,6 @@ def _gather_stacks(
                 dst=target,
             )
             _written(merged, target)
-    return out
 
 
 def _processed_frames(

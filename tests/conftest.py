@@ -49,17 +49,10 @@ def converted_sample(tmp_path_factory: pytest.TempPathFactory, raw_sample_bz2: P
     from conversion.convert import ConversionConfig, convert
 
     root = tmp_path_factory.mktemp("minari")
-    previous = os.environ.get("MINARI_DATASETS_PATH")
-    try:
-        report = convert(
-            ConversionConfig(raw_sample_bz2, root=root, workers=2, progress=False),
-            log=lambda message: None,
-        )
-    finally:
-        if previous is None:
-            os.environ.pop("MINARI_DATASETS_PATH", None)
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = previous
+    report = convert(  # leaves MINARI_DATASETS_PATH as it found it
+        ConversionConfig(raw_sample_bz2, root=root, workers=2, progress=False),
+        log=lambda message: None,
+    )
     assert report.ok, report.skipped
     return root, report
 

@@ -135,25 +135,22 @@ def test_plain_minari_in_a_fresh_process_reads_exact_data(converted, raw_sample_
 
 def test_minari_cli_lists_and_shows_datasets(converted):
     root, _ = converted
-    listing = subprocess.run(
-        [MINARI_CLI, "list", "local"],
-        env=_env(root),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=root,
-    )
+
+    def minari_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [MINARI_CLI, *args],
+            env=_env(root),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=root,
+        )
+
+    listing = minari_cli("list", "local")
     assert listing.returncode == 0, listing.stderr
     assert "crowdplay/space_invaders/insideout-player_0-v0" in listing.stdout
     assert "crowdplay/space_invaders_2p/cooperative-player_1-v0" in listing.stdout
-    show = subprocess.run(
-        [MINARI_CLI, "show", "crowdplay/space_invaders/insideout-player_0-v0"],
-        env=_env(root),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=root,
-    )
+    show = minari_cli("show", "crowdplay/space_invaders/insideout-player_0-v0")
     assert show.returncode == 0, show.stderr
     assert "CrowdPlay" in show.stdout
 

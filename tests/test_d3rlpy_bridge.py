@@ -8,7 +8,6 @@ from one episode into the next (the bug of `d3rlpy.datasets.get_minari`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,19 +38,10 @@ def converted_root(tmp_path_factory: pytest.TempPathFactory, raw_sample_bz2: Pat
     )
     assert len(chosen) == 3
     root = tmp_path_factory.mktemp("d3rlpy_minari")
-    previous = os.environ.get("MINARI_DATASETS_PATH")
-    try:  # convert() points MINARI_DATASETS_PATH at its root; keep that from leaking out
-        report = convert(
-            ConversionConfig(
-                raw_sample_bz2, root=root, workers=2, episode_ids=chosen, progress=False
-            ),
-            log=lambda message: None,
-        )
-    finally:
-        if previous is None:
-            os.environ.pop("MINARI_DATASETS_PATH", None)
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = previous
+    report = convert(  # leaves MINARI_DATASETS_PATH as it found it
+        ConversionConfig(raw_sample_bz2, root=root, workers=2, episode_ids=chosen, progress=False),
+        log=lambda message: None,
+    )
     assert report.ok and report.episodes_converted == 3, report
     return root
 

@@ -45,6 +45,13 @@ def _write(path: Path, frames: np.ndarray, chunk: int | None, **filters) -> None
         file.create_dataset("observations", data=frames, chunks=chunks, **filters)
 
 
+def _empty_zstd_dataset(file: h5py.File, shape: tuple, chunk: int) -> h5py.Dataset:
+    """An observations dataset declaring the zstd filter, its chunks to be written directly."""
+    return file.create_dataset(
+        "observations", shape=shape, dtype=np.uint8, chunks=(chunk, *shape[1:]), **hdf5plugin.Zstd()
+    )
+
+
 def _assert_same(frames_on_disk: StoredFrames, episode: Episode, config: ProcessingConfig) -> None:
     args = (episode.actions, episode.rewards, episode.dones, False, config)
     expected = process_trajectory(episode.frames, *args)
@@ -101,13 +108,7 @@ def test_unfiltered_chunk_is_read_raw(tmp_path: Path, episode: Episode) -> None:
     frames = episode.frames[:8]
     path = tmp_path / "frames.h5"
     with h5py.File(path, "w") as file:
-        dataset = file.create_dataset(
-            "observations",
-            shape=frames.shape,
-            dtype=np.uint8,
-            chunks=(4, 210, 160, 3),
-            **hdf5plugin.Zstd(),
-        )
+        dataset = _empty_zstd_dataset(file, frames.shape, chunk=4)
         dataset.id.write_direct_chunk((0, 0, 0, 0), frames[:4].tobytes(), filter_mask=1)
         dataset.id.write_direct_chunk(
             (4, 0, 0, 0), zstandard.ZstdCompressor().compress(frames[4:].tobytes())
@@ -139,13 +140,7 @@ def test_bad_chunks_name_the_file(
         payload = zstandard.ZstdCompressor().compress(frames[:4].tobytes())
     path = tmp_path / "bad.h5"
     with h5py.File(path, "w") as file:
-        dataset = file.create_dataset(
-            "observations",
-            shape=frames.shape,
-            dtype=np.uint8,
-            chunks=frames.shape,
-            **hdf5plugin.Zstd(),
-        )
+        dataset = _empty_zstd_dataset(file, frames.shape, chunk=len(frames))
         dataset.id.write_direct_chunk((0, 0, 0, 0), payload)
     with h5py.File(path) as file:
         stored = StoredFrames(file["observations"])

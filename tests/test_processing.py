@@ -534,3 +534,19 @@ def test_process_trajectory_rejects_mismatched_lengths(episode: Episode) -> None
             False,
             ProcessingConfig(),
         )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ProcessingConfig(), ProcessingConfig.d3rlpy_preset(), ProcessingConfig(scale=True, stack_n=2)],
+)
+def test_observations_stack_into_a_given_array(episode: Episode, config: ProcessingConfig) -> None:
+    times = np.arange(0, EPISODE_FRAMES, 3)
+    stacks = processing.frame_stacks(episode.frames, times, config)
+    expected = stacks.observations(config)
+    whole = np.full((len(times) + 2, *config.observation_shape()), 7, config.observation_dtype())
+    written = stacks.observations(config, out=whole[1:-1])
+    assert np.array_equal(whole[1:-1], expected) and written.base is whole
+    assert (whole[0] == 7).all() and (whole[-1] == 7).all()
+    with pytest.raises(ValueError, match="C-contiguous"):
+        stacks.observations(config, out=np.empty_like(expected, order="F")[..., ::-1])
