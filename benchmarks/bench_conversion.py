@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         # -- memory of one worker on the largest episode --------------------------------------
         print("staging the largest episode in a fresh process ...", flush=True)
-        largest = max(frames_of, key=frames_of.__getitem__)
+        largest = max(sorted(frames_of), key=frames_of.__getitem__)  # ties: the same each run
         memory = worker_memory(raw_dir, largest, work / "memory-staging")
         memory["all_episodes_frames_bytes"] = raw_frames * FRAME_BYTES
         results["memory"] = memory

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import h5py
@@ -27,7 +28,7 @@ import numpy as np
 import zstandard
 
 from crowdplay_minari.attributes import VALUE_TYPES_ATTRIBUTE, encode_nested, encode_value
-from crowdplay_minari.episode import AgentTrajectory, Episode
+from crowdplay_minari.episode import AgentTrajectory, Episode, StepFrames
 
 from .layout import FINAL_OBSERVATION
 
@@ -45,6 +46,18 @@ SMALL_ZSTD_LEVEL = 9  # per-step scalars and RAM: 19 costs 20% of the writing fo
 LIBVER = "latest"  # compact chunk indexes: ~3 KB less per dataset than HDF5's v1 B-trees
 
 
+_CHUNK_BUFFER = threading.local()
+
+
+def _chunk_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """A chunk-sized array kept per thread: filled and compressed chunk after chunk, episode
+    after episode, so its memory is allocated (and page-faulted) once."""
+    buffer = getattr(_CHUNK_BUFFER, "array", None)
+    if buffer is None or buffer.shape != shape:
+        buffer = _CHUNK_BUFFER.array = np.empty(shape, dtype=np.uint8)
+    return buffer
+
+
 class FrameChunkCompressor:
     """Compresses an episode's frames into zstd chunks, once per frame array: the two players
     of a two-player game see the same screens, which the reader gives both as one array (it
@@ -52,9 +65,9 @@ class FrameChunkCompressor:
 
     def __init__(self) -> None:
         self._compressor = zstandard.ZstdCompressor(compression_params=FRAME_ZSTD)
-        self._last: tuple[np.ndarray, int, list[bytes]] | None = None
+        self._last: tuple[np.ndarray | StepFrames, int, list[bytes]] | None = None
 
-    def chunks(self, frames: np.ndarray, chunk: int) -> list[bytes]:
+    def chunks(self, frames: np.ndarray | StepFrames, chunk: int) -> list[bytes]:
         """The compressed chunks of `frames` plus a repeat of the last frame (N+1 frames), each
         `chunk` frames long (the last one padded with black, as HDF5 stores edge chunks)."""
         if self._last is not None:
@@ -64,13 +77,19 @@ class FrameChunkCompressor:
         n = len(frames)
         compressed = []
         for start in range(0, n + 1, chunk):
-            if start + chunk <= n:
-                data = frames[start : start + chunk]
+            stop = min(start + chunk, n)
+            if isinstance(frames, np.ndarray) and stop - start == chunk:
+                data = np.ascontiguousarray(frames[start:stop])
             else:
-                data = np.zeros((chunk, *frames.shape[1:]), dtype=np.uint8)
-                data[: n - start] = frames[start:]
-                data[n - start] = frames[n - 1]
-            compressed.append(self._compressor.compress(np.ascontiguousarray(data)))
+                data = _chunk_buffer((chunk, *frames.shape[1:]))
+                if isinstance(frames, np.ndarray):
+                    data[: stop - start] = frames[start:stop]
+                else:
+                    frames.copy_to(data, start, stop)
+                if stop - start < chunk:
+                    data[stop - start] = frames[n - 1]
+                    data[stop - start + 1 :] = 0
+            compressed.append(self._compressor.compress(data))
         self._last = (frames, chunk, compressed)
         return compressed
 
@@ -125,7 +144,9 @@ def episode_attributes(episode: Episode, agent: AgentTrajectory) -> dict:
 
 
 def write_observations(
-    group: h5py.Group, frames: np.ndarray, compressor: FrameChunkCompressor | None = None
+    group: h5py.Group,
+    frames: np.ndarray | StepFrames,
+    compressor: FrameChunkCompressor | None = None,
 ) -> h5py.Dataset:
     """The `observations` dataset: the N frames plus a repeat of the last (Minari's N+1)."""
     n = len(frames)

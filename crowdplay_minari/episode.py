@@ -7,6 +7,7 @@ screen the agent saw *before* taking `actions[i]`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,42 @@ class EpisodeMetadata:
     users: dict[str, User]
 
 
+class StepFrames(Sequence):
+    """An episode's frames left as the per-step arrays its trajectory file held, unstacked.
+
+    The converter compresses frames a chunk at a time, so stacking them first into one
+    (N, 210, 160, 3) array would cost a copy of every frame and an episode's worth of memory.
+    `np.asarray(frames)` stacks them; `copy_to` copies a run of them into an array.
+    """
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self._arrays = arrays
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self._arrays), *FRAME_SHAPE)
+
+    dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return StepFrames(self._arrays[index])
+        return self._arrays[index]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        stacked = np.empty(self.shape, dtype=np.uint8)
+        self.copy_to(stacked, 0, len(self))
+        return stacked if dtype is None else stacked.astype(dtype, copy=False)
+
+    def copy_to(self, out: np.ndarray, start: int, stop: int) -> None:
+        """`out[:stop - start] = frames[start:stop]`."""
+        for row, array in enumerate(self._arrays[start:stop]):
+            out[row] = array
+
+
 @dataclass(frozen=True)
 class AgentTrajectory:
     """One agent's view of an episode: N steps of arrays.
@@ -68,7 +105,7 @@ class AgentTrajectory:
     """
 
     agent_id: str
-    frames: np.ndarray  # (N, 210, 160, 3) uint8
+    frames: np.ndarray | StepFrames  # (N, 210, 160, 3) uint8; see parse_steps' stack_frames
     actions: np.ndarray  # (N,) int64, index into the game's minimal action set
     rewards: np.ndarray  # (N,) int64 (float64 if the file held float rewards), unclipped
     dones: np.ndarray  # (N,) bool

@@ -15,12 +15,22 @@ import numpy as np
 import pytest
 
 from crowdplay_minari.envs import GAME_ROMS
-from crowdplay_minari.episode import AI, FRAME_SHAPE, HUMAN, RAM_SIZE, TWO_PLAYER_GAMES, Episode
+from crowdplay_minari.episode import (
+    AI,
+    FRAME_SHAPE,
+    HUMAN,
+    RAM_SIZE,
+    TWO_PLAYER_GAMES,
+    Episode,
+    StepFrames,
+)
 from crowdplay_minari.raw import (
     CorruptTrajectoryError,
     RawDataset,
     SchemaError,
     TrajectoryNotFoundError,
+    load_steps,
+    parse_steps,
     trajectory_files,
 )
 from crowdplay_minari.sample import AGENT_IDS, DEFAULT_SESSIONS
@@ -413,6 +423,46 @@ def test_agents_argument_limits_the_parsed_agents(
     np.testing.assert_array_equal(only_p1.agents[P1].actions, episode.agents[P1].actions)
     with pytest.raises(SchemaError, match="game_0>player_7"):
         raw.read_episode(episode.episode_id, agents=["game_0>player_7"])
+
+
+def test_unstacked_frames_are_the_steps_own_arrays(
+    raw: RawDataset, episodes: dict[str, Episode]
+) -> None:
+    """`stack_frames=False` (the converter's) gives the same episode without copying frames."""
+    for episode_id, episode in episodes.items():
+        path = raw.trajectory_path(episode_id)
+        steps = load_steps(path)
+        unstacked = parse_steps(steps, episode.metadata, path, stack_frames=False)
+        _assert_same_episode(episode, unstacked)
+        for agent_id, agent in unstacked.agents.items():
+            frames = agent.frames
+            assert isinstance(frames, StepFrames)
+            assert frames.shape == (agent.num_steps, *FRAME_SHAPE)
+            assert frames[5] is steps[5]["prev_obs"][agent_id]["image"]
+            out = np.zeros((4, *FRAME_SHAPE), np.uint8)
+            frames.copy_to(out, 2, 5)
+            np.testing.assert_array_equal(out[:3], episode.agents[agent_id].frames[2:5])
+            assert not out[3].any()
+            np.testing.assert_array_equal(frames[2:5], episode.agents[agent_id].frames[2:5])
+
+
+@pytest.mark.parametrize("stack_frames", [True, False])
+def test_two_players_with_different_screens_keep_their_own_frames(
+    raw: RawDataset, episodes: dict[str, Episode], stack_frames: bool
+) -> None:
+    (episode,) = _session_episodes(episodes, "space_invaders_2p_cooperative_mturk")
+    path = raw.trajectory_path(episode.episode_id)
+    steps = load_steps(path)
+    for i in (7, 9):  # player 1 sees a changed screen from step 7 on
+        image = steps[i]["prev_obs"][P1]["image"].copy()
+        image[100:110] = 255 - image[100:110]
+        steps[i]["prev_obs"][P1]["image"] = image
+    parsed = parse_steps(steps, episode.metadata, path, stack_frames=stack_frames)
+    p0, p1 = (np.asarray(parsed.agents[a].frames) for a in (P0, P1))
+    np.testing.assert_array_equal(p0, episode.agents[P0].frames)
+    changed = [i for i in range(len(p1)) if not np.array_equal(p1[i], p0[i])]
+    assert changed == [7, 9]
+    np.testing.assert_array_equal(p1[9], steps[9]["prev_obs"][P1]["image"])
 
 
 # ---------------------------------------------------------------- damaged input

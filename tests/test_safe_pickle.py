@@ -7,6 +7,7 @@ import builtins
 import bz2
 import collections
 import datetime as dt
+import gc
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +303,34 @@ def test_crowdplay_values_round_trip(protocol: int) -> None:
     prev_obs = loaded["step"]["prev_obs"]
     assert prev_obs[P0]["image"] is prev_obs["p1"]["image"]
     np.testing.assert_array_equal(prev_obs[P0]["image"], values["step"]["prev_obs"][P0]["image"])
+
+
+@pytest.mark.parametrize("protocol", [0, 3, 4, 5])
+@pytest.mark.parametrize("piece_bytes", [1, 7, 4096, 100_799, 100_801])
+def test_a_file_read_in_pieces_loads_the_same(
+    protocol: int, piece_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files are read a piece at a time: opcodes, lines (protocol 0), frames (4+) and a frame's
+    100,800 pixel bytes cut anywhere still load exactly."""
+    data = pickle.dumps(_crowdplay_like_values(), protocol=protocol)
+    monkeypatch.setattr(safe_pickle, "PIECE_BYTES", piece_bytes)
+    _assert_same(safe_pickle.load(io.BytesIO(data), "pieces"), pickle.loads(data))
+    with pytest.raises(CorruptTrajectoryError, match="truncated"):
+        safe_pickle.load(io.BytesIO(data[: len(data) * 2 // 3]), "cut.pickle")
+
+
+def test_unpickled_objects_live_only_as_long_as_the_result() -> None:
+    """Nothing of a loaded trajectory outlives it (the unpickler's memo would otherwise keep a
+    whole episode alive until the cyclic garbage collector ran)."""
+    data = pickle.dumps([{"image": np.zeros((210, 160, 3), np.uint8)}], protocol=3)
+    gc.disable()
+    try:
+        loaded = safe_pickle.loads(data)
+        image = weakref.ref(loaded[0]["image"])
+        del loaded
+        assert image() is None
+    finally:
+        gc.enable()
 
 
 def test_numpy_1_pickles_load() -> None:

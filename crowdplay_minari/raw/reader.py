@@ -25,7 +25,15 @@ import numpy as np
 from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..episode import FRAME_SHAPE, RAM_SIZE, AgentTrajectory, Episode, EpisodeMetadata, User
+from ..episode import (
+    FRAME_SHAPE,
+    RAM_SIZE,
+    AgentTrajectory,
+    Episode,
+    EpisodeMetadata,
+    StepFrames,
+    User,
+)
 from . import safe_pickle, schema
 from .errors import CorruptTrajectoryError, SchemaError, TrajectoryNotFoundError
 
@@ -50,21 +58,18 @@ def _open_trajectory(path: Path) -> IO[bytes]:
 
 
 def load_steps(path: Path) -> list[dict]:
-    """Decompress and safely unpickle one trajectory file into its list of step dicts."""
+    """Decompress and safely unpickle one trajectory file into its list of step dicts.
+
+    The file decompresses a few MiB at a time as the unpickler reads it, so an episode is in
+    memory once (its unpickled steps), not also as one decompressed pickle as large as its
+    frames. That second copy, and the page faults of touching it, were much of what made two
+    converter workers slow each other down (benchmarks/bench_conversion.py).
+    """
     try:
         with _open_trajectory(path) as file:
-            # Decompress in one go, then unpickle from memory: the pure-Python unpickler makes
-            # millions of tiny reads, which cost far more through BZ2File/GzipFile than through
-            # BytesIO (benchmarks/bench_conversion.py). The bytes are freed before parsing.
-            data = file.read()
+            steps = safe_pickle.load(file, path)
     except FileNotFoundError as exc:
         raise TrajectoryNotFoundError(path, "trajectory file does not exist") from exc
-    except EOFError as exc:
-        raise CorruptTrajectoryError(path, f"file is truncated: {exc}") from exc
-    except OSError as exc:
-        raise CorruptTrajectoryError(path, f"cannot decompress: {exc}") from exc
-    steps = safe_pickle.loads(data, path)
-    del data
     if not isinstance(steps, list):
         raise SchemaError(path, f"expected a list of step dicts, found {type(steps).__name__}")
     if not steps:
@@ -265,8 +270,13 @@ def parse_steps(
     path: Path,
     *,
     agents: Iterable[str] | None = None,
+    stack_frames: bool = True,
 ) -> Episode:
-    """Turn a list of CrowdPlay step dicts into an `Episode` of per-agent arrays."""
+    """Turn a list of CrowdPlay step dicts into an `Episode` of per-agent arrays.
+
+    With `stack_frames=False` each agent's `frames` is a `StepFrames` over the steps' own frame
+    arrays instead of one stacked array (for the converter, which compresses them in chunks).
+    """
     n = len(steps)
     first = steps[0]
     if not isinstance(first, dict):
@@ -282,7 +292,7 @@ def parse_steps(
             )
 
     step_iters = np.empty(n, dtype=np.int64)
-    frames: dict[str, np.ndarray] = {}
+    frames: dict[str, np.ndarray | list] = {}
     shares_first: dict[str, bool] = {}
     columns: dict[str, dict[str, list]] = {
         a: {
@@ -297,7 +307,7 @@ def parse_steps(
         for a in agent_ids
     }
     lead = agent_ids[0]
-    frames[lead] = np.empty((n, *FRAME_SHAPE), dtype=np.uint8)
+    frames[lead] = np.empty((n, *FRAME_SHAPE), dtype=np.uint8) if stack_frames else [None] * n
     for agent in agent_ids[1:]:
         shares_first[agent] = True
 
@@ -358,6 +368,8 @@ def parse_steps(
         except (KeyError, TypeError, IndexError) as exc:
             raise SchemaError(path, f"missing or malformed ({exc!r})", step=i, field=field) from exc
 
+    if not stack_frames:
+        frames = {agent: StepFrames(arrays) for agent, arrays in frames.items()}
     trajectories = {}
     for agent in agent_ids:
         col = columns[agent]

@@ -13,14 +13,19 @@ object pointers (a dtype state tuple of the wrong length reads uninitialised mem
 numpy objects are only built the way numpy itself pickles them, and each state is checked before
 numpy sees it. Checking `BUILD` needs the pure-Python unpickler (the C one cannot intercept it);
 it adds 0.1 to 0.3 s per 1,000 frames, a fraction of what decompressing a `.pickle.bz2` takes.
+
+The input is read as a stream of pieces of a few MiB (`load` reads a file, e.g. a bz2 file, that
+way), so a trajectory is never in memory twice, once pickled and once unpickled.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
+import functools
 import io
 import math
 import pickle
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,16 +66,74 @@ _ALLOWED: frozenset[tuple[str, str]] = frozenset(
 )
 
 _BYTE_ORDERS = ("<", ">")
+PIECE_BYTES = 4 << 20  # read a file this much at a time
+
+
+class _PieceReader:
+    """The unpickler's input, served from a stream of byte pieces.
+
+    The unpickler reads opcode by opcode, millions of tiny reads per trajectory; each is one call
+    of `read` here, which serves it from a `BytesIO` over the current piece (in C, without copying
+    the piece). It also stands in for pickle's unframer: protocol 4 frames only say how the
+    stream may be buffered, so they are read through like any other bytes.
+    """
+
+    def __init__(self, pieces: Iterable[bytes]) -> None:
+        self._pieces: Iterator[bytes] = iter(pieces)
+        self._piece = io.BytesIO()
+
+    def read(self, n: int) -> bytes:
+        data = self._piece.read(n)
+        if len(data) == n:
+            return data
+        parts = [data]
+        missing = n - len(data)
+        while missing and self._next_piece():
+            data = self._piece.read(missing)
+            parts.append(data)
+            missing -= len(data)
+        return b"".join(parts)  # short at the end of the stream: the unpickler raises EOFError
+
+    def readline(self) -> bytes:
+        line = self._piece.readline()
+        if line.endswith(b"\n"):
+            return line
+        parts = [line]
+        while self._next_piece():
+            line = self._piece.readline()
+            parts.append(line)
+            if line.endswith(b"\n"):
+                break
+        return b"".join(parts)
+
+    def readinto(self, buffer: Any) -> int:
+        with memoryview(buffer) as view, view.cast("B") as target:
+            data = self.read(len(target))
+            target[: len(data)] = data
+        return len(data)
+
+    def load_frame(self, frame_size: int) -> None:
+        pass
+
+    def _next_piece(self) -> bool:
+        """Move to the next non-empty piece; False at the end of the stream."""
+        for piece in self._pieces:
+            if piece:
+                self._piece = io.BytesIO(piece)
+                return True
+        return False
 
 
 class RestrictedUnpickler(pickle._Unpickler):
     """Pure-Python `pickle` unpickler that resolves only the callables in `_ALLOWED` and checks
-    numpy dtype and array states before numpy applies them."""
+    numpy dtype and array states before numpy applies them. It reads `pieces`, the bytes of one
+    pickle in any number of parts."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file: IO[bytes], source: str | Path | None) -> None:
-        super().__init__(file)
+    def __init__(self, pieces: Iterable[bytes], source: str | Path | None) -> None:
+        self._reader = _PieceReader(pieces)
+        super().__init__(self._reader)
         self._source = source
         # numpy pickles an array as `_reconstruct(numpy.ndarray, (0,), b"b")` followed by BUILD
         # and never calls `ndarray` itself. The name resolves to this stand-in, which
@@ -163,19 +226,49 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BUILD[0]] = load_build
 
+    def load(self) -> Any:
+        # `pickle._Unpickler.load`, reading through `_PieceReader` instead of pickle's unframer
+        # over `file.read`: one Python call per read instead of two.
+        self._unframer = self._reader
+        self.read = self._reader.read
+        self.readinto = self._reader.readinto
+        self.readline = self._reader.readline
+        self.metastack = []
+        self.stack = []
+        self.append = self.stack.append
+        self.proto = 0
+        read = self.read
+        dispatch = self.dispatch
+        try:
+            while True:
+                key = read(1)
+                if not key:
+                    raise EOFError
+                dispatch[key[0]](self)
+        except pickle._Stop as stop:
+            return stop.value
+        finally:
+            # The memo holds every object read, and also bound methods of this unpickler
+            # (`_reconstruct`, `_dtype`), a reference cycle: without this, a whole trajectory
+            # would stay alive until the cyclic garbage collector ran.
+            self.memo.clear()
+            self.stack.clear()
+            self.metastack.clear()
+
 
 def load(file: IO[bytes], source: str | Path | None = None) -> Any:
     """Unpickle the object in `file` (a file holding one pickle), admitting only CrowdPlay's types.
+    The file is read `PIECE_BYTES` at a time (a bz2 or gzip file decompresses as it goes).
 
     Raises `UnsafePickleError` for a forbidden callable or forged numpy state and
     `CorruptTrajectoryError` for a damaged or truncated stream; both name `source`.
     """
-    if isinstance(file, io.BufferedIOBase) and not isinstance(file, io.BytesIO | io.BufferedReader):
-        # The unpickler reads opcode by opcode; bz2/gzip readers are Python code, and a C
-        # buffer in front of them halves the cost of those small reads (it reads ahead).
-        file = io.BufferedReader(file, 1 << 20)
+    return _load(iter(functools.partial(file.read, PIECE_BYTES), b""), source)
+
+
+def _load(pieces: Iterable[bytes], source: str | Path | None) -> Any:
     try:
-        return RestrictedUnpickler(file, source).load()
+        return RestrictedUnpickler(pieces, source).load()
     except UnsafePickleError:
         raise
     except EOFError as exc:  # bz2/gzip streams and pickles both end early this way
@@ -188,4 +281,4 @@ def load(file: IO[bytes], source: str | Path | None = None) -> Any:
 
 def loads(data: bytes, source: str | Path | None = None) -> Any:
     """`load` for an in-memory bytes object (e.g. a pickled SQLite value)."""
-    return load(io.BytesIO(data), source)
+    return _load((data,), source)
