@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import h5py
@@ -29,6 +28,7 @@ import zstandard
 
 from crowdplay_minari.attributes import VALUE_TYPES_ATTRIBUTE, encode_nested, encode_value
 from crowdplay_minari.episode import AgentTrajectory, Episode, StepFrames
+from crowdplay_minari.scratch import scratch_buffer
 
 from .layout import FINAL_OBSERVATION
 
@@ -46,18 +46,6 @@ SMALL_ZSTD_LEVEL = 9  # per-step scalars and RAM: 19 costs 20% of the writing fo
 LIBVER = "latest"  # compact chunk indexes: ~3 KB less per dataset than HDF5's v1 B-trees
 
 
-_CHUNK_BUFFER = threading.local()
-
-
-def _chunk_buffer(shape: tuple[int, ...]) -> np.ndarray:
-    """A chunk-sized array kept per thread: filled and compressed chunk after chunk, episode
-    after episode, so its memory is allocated (and page-faulted) once."""
-    buffer = getattr(_CHUNK_BUFFER, "array", None)
-    if buffer is None or buffer.shape != shape:
-        buffer = _CHUNK_BUFFER.array = np.empty(shape, dtype=np.uint8)
-    return buffer
-
-
 class FrameChunkCompressor:
     """Compresses an episode's frames into zstd chunks, once per frame array: the two players
     of a two-player game see the same screens, which the reader gives both as one array (it
@@ -69,7 +57,9 @@ class FrameChunkCompressor:
 
     def chunks(self, frames: np.ndarray | StepFrames, chunk: int) -> list[bytes]:
         """The compressed chunks of `frames` plus a repeat of the last frame (N+1 frames), each
-        `chunk` frames long (the last one padded with black, as HDF5 stores edge chunks)."""
+        `chunk` frames long (the last one padded with black, as HDF5 stores edge chunks).
+        Chunks not already contiguous in `frames` are gathered in this thread's scratch buffer,
+        the same memory chunk after chunk, episode after episode."""
         if self._last is not None:
             seen, seen_chunk, compressed = self._last
             if seen is frames and seen_chunk == chunk:
@@ -81,7 +71,7 @@ class FrameChunkCompressor:
             if isinstance(frames, np.ndarray) and stop - start == chunk:
                 data = np.ascontiguousarray(frames[start:stop])
             else:
-                data = _chunk_buffer((chunk, *frames.shape[1:]))
+                data = scratch_buffer("frame chunk", (chunk, *frames.shape[1:]))
                 if isinstance(frames, np.ndarray):
                     data[: stop - start] = frames[start:stop]
                 else:

@@ -62,7 +62,6 @@ stacked slot of every kept frame, this module each needed frame once.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +73,7 @@ import cv2
 import numpy as np
 
 from crowdplay_minari.episode import FRAME_SHAPE
+from crowdplay_minari.scratch import scratch_buffer
 
 _SCREEN_HEIGHT, _SCREEN_WIDTH, _SCREEN_CHANNELS = FRAME_SHAPE
 
@@ -95,27 +95,8 @@ _SCALE_TABLE = np.arange(256, dtype=np.uint8).astype(np.float32) / 255.0
 """`uint8 -> float32 / 255`, the reference's `frame.astype(np.float32) / 255.0` as a table."""
 
 
-class _Workspace(threading.local):
-    """Scratch buffers of one thread, kept between calls: fresh memory costs page faults, which
-    would dominate the one-observation calls of an evaluation environment."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, np.ndarray] = {}
-
-    def buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """A contiguous uint8 array of `shape` (contents undefined), reusing `name`'s memory."""
-        size = math.prod(shape)
-        flat = self._buffers.get(name)
-        if flat is None or flat.size < size:
-            flat = self._buffers[name] = np.empty(size, dtype=np.uint8)
-        return flat[:size].reshape(shape)
-
-
-_WORKSPACE = _Workspace()
-
-
 class _Pool:
-    """One thread pool for the whole process, so its threads (and their `_WORKSPACE` buffers)
+    """One thread pool for the whole process, so its threads (and their `scratch_buffer`s)
     live between calls; rebuilt in a forked child, where the parent's threads do not exist."""
 
     def __init__(self) -> None:
@@ -149,7 +130,7 @@ _POOL = _Pool()
 class FrameChunks(Protocol):
     """An episode's frames stored in consecutive chunks (e.g. an HDF5 dataset), decoded one chunk
     at a time. Processing from chunks never holds the whole episode's frames in memory, and
-    decodes chunks in parallel threads; `crowdplay_minari.loading.StoredFrames` is one."""
+    decodes chunks in parallel threads; `crowdplay_minari.frame_store.StoredFrames` is one."""
 
     chunk_frames: int
     """Frames per chunk (the last chunk may hold fewer)."""
@@ -528,7 +509,7 @@ def _gather_stacks(
     block = max(1, (1 << 20) // (table[0].nbytes * stack_n))
     slots_shape = (stack_n, min(block, n_obs), *frame_shape)
     if table.dtype == np.uint8:
-        slots = _WORKSPACE.buffer("slots", slots_shape)
+        slots = scratch_buffer("slots", slots_shape)
     else:
         slots = np.empty(slots_shape, dtype=table.dtype)
     for start in range(0, n_obs, block):
@@ -627,7 +608,7 @@ def _fill_from_chunks(
     edges: dict[tuple[str, int], np.ndarray] = {}
 
     def decode_and_fill(k: int) -> None:
-        chunk = source.read_chunk(k, _WORKSPACE.buffer("chunk", (size, *FRAME_SHAPE)))
+        chunk = source.read_chunk(k, scratch_buffer("chunk", (size, *FRAME_SHAPE)))
         a, b = inside_row[k], first_row[k + 1]
         if b > a:
             _fill_processed_frames(chunk, times[a:b] - starts[k], table[a:b], config)
@@ -657,12 +638,12 @@ def _fill_processed_frames(
     for start in range(0, len(times), _CHUNK_FRAMES):
         chunk_times = times[start : start + _CHUNK_FRAMES]
         n = len(chunk_times)
-        maxed = _WORKSPACE.buffer("maxed", (n, *FRAME_SHAPE))
+        maxed = scratch_buffer("maxed", (n, *FRAME_SHAPE))
         rgb = _max_over_window(frames, chunk_times, config.max_n, maxed)
         if not config.warp:
             table[start : start + n] = rgb
             continue
-        gray = _WORKSPACE.buffer("gray", (n * _SCREEN_HEIGHT, _SCREEN_WIDTH))
+        gray = scratch_buffer("gray", (n * _SCREEN_HEIGHT, _SCREEN_WIDTH))
         converted = cv2.cvtColor(
             rgb.reshape(n * _SCREEN_HEIGHT, _SCREEN_WIDTH, 3), cv2.COLOR_RGB2GRAY, dst=gray
         )
@@ -697,9 +678,9 @@ def _resize_unique_frames(
         _resize_frames(gray, n, config, out)
         return
     frames = gray.reshape(n, _SCREEN_HEIGHT, _SCREEN_WIDTH)
-    distinct = _WORKSPACE.buffer("distinct", (len(unique), _SCREEN_HEIGHT, _SCREEN_WIDTH))
+    distinct = scratch_buffer("distinct", (len(unique), _SCREEN_HEIGHT, _SCREEN_WIDTH))
     np.take(frames, unique, axis=0, out=distinct)
-    resized = _WORKSPACE.buffer("resized_distinct", (len(unique), *out.shape[1:]))
+    resized = scratch_buffer("resized_distinct", (len(unique), *out.shape[1:]))
     _resize_frames(distinct.reshape(-1, _SCREEN_WIDTH), len(unique), config, resized)
     position = np.zeros(n, dtype=np.intp)
     position[unique] = np.arange(len(unique))
@@ -726,7 +707,7 @@ def _max_over_window(
         return out
     np.take(frames, times, axis=0, out=out, mode="clip")
     if max_n > 1:
-        earlier = _WORKSPACE.buffer("earlier", out.shape)
+        earlier = scratch_buffer("earlier", out.shape)
         for back in range(1, max_n):
             np.take(frames, np.maximum(times - back, 0), axis=0, out=earlier, mode="clip")
             np.maximum(out, earlier, out=out)
@@ -751,12 +732,12 @@ def _resize_frames(gray: np.ndarray, n: int, config: ProcessingConfig, out: np.n
         block = gray[start * _SCREEN_HEIGHT : start * _SCREEN_HEIGHT + 4 * rows]
         merged = cv2.merge(
             [block[c * rows : (c + 1) * rows] for c in range(4)],
-            dst=_WORKSPACE.buffer("merged", (rows, _SCREEN_WIDTH, 4)),
+            dst=scratch_buffer("merged", (rows, _SCREEN_WIDTH, 4)),
         )
         resized = cv2.resize(
             merged,
             (width, per_channel * height),
-            dst=_WORKSPACE.buffer("resized", (per_channel * height, width, 4)),
+            dst=scratch_buffer("resized", (per_channel * height, width, 4)),
             interpolation=cv2.INTER_AREA,
         )
         # Channel c holds frames start + c * per_channel ... of this block.
