@@ -1,6 +1,7 @@
 """The converter against its targets, in one run on a bz2-only sample (what CrowdPlay ships).
 
-    PYTHONPATH=. python -m benchmarks.bench_conversion --episodes 8 --frames 1500 --repeats 5
+    python -m crowdplay_minari.benchmarks.bench_conversion \
+        --episodes 8 --frames 1500 --repeats 5
 
 In interleaved rounds (verdicts on the medians; the fastest rounds and CPU seconds, which other
 users' load disturbs far less, are shown next to them):
@@ -35,14 +36,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import crowdplay_minari.conversion.convert as convert_module
 import h5py
 import hdf5plugin
 import numpy as np
+from crowdplay_minari.conversion.convert import ConversionConfig, EpisodeJob, convert, stage_episode
+from crowdplay_minari.conversion.episode_writer import LIBVER, write_observations
+from crowdplay_minari.conversion.layout import DEFAULT_NAMESPACE
 
-import conversion.convert as convert_module
-from conversion.convert import ConversionConfig, EpisodeJob, convert, stage_episode
-from conversion.episode_writer import LIBVER, write_observations
-from conversion.layout import DEFAULT_NAMESPACE
 from crowdplay_minari.episode import FRAME_SHAPE
 from crowdplay_minari.raw import RawDataset
 

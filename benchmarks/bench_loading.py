@@ -1,6 +1,7 @@
 """Processed-trajectory loading against CrowdPlay's own path, in one run on a bz2-only sample.
 
-    PYTHONPATH=. python -m benchmarks.bench_loading --episodes 8 --frames 1500 --repeats 5
+    python -m crowdplay_minari.benchmarks.bench_loading \
+        --episodes 8 --frames 1500 --repeats 5
 
 1. Plays a fresh emulator sample (`.pickle.bz2`, as CrowdPlay ships it) and converts it.
 2. For two presets, `default` (`(84, 84, 4)`, every frame) and `d3rlpy`
@@ -45,8 +46,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from crowdplay_minari.conversion.convert import ConversionConfig, convert
 
-from conversion.convert import ConversionConfig, convert
 from crowdplay_minari.loading import (
     CACHE_ENV,
     CrowdPlayDataset,

@@ -1,6 +1,7 @@
 """How fast the raw reader is, against the way CrowdPlay itself loads a trajectory file.
 
-    PYTHONPATH=. python -m benchmarks.bench_reader --episodes 8 --frames 1500 --repeats 3
+    python -m crowdplay_minari.benchmarks.bench_reader \
+        --episodes 8 --frames 1500 --repeats 3
 
 1. Plays a fresh emulator sample written in all three encodings (.pickle.bz2, .pickle.gz,
    .pickle), once with 1 worker and once with 2, and reports sample generation frames/s.

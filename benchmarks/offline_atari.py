@@ -2,9 +2,9 @@
 
 Run::
 
-    python -m benchmarks.offline_atari --preset smoke          # the pipeline in minutes, on a CPU
-    python -m benchmarks.offline_atari --preset paper --device cuda:0 --workers 4
-    python -m benchmarks.offline_atari --algorithms bc,cql --seeds 0,1 --steps 50000 \\
+    python -m crowdplay_minari.benchmarks.offline_atari --preset smoke          # the pipeline in minutes, on a CPU
+    python -m crowdplay_minari.benchmarks.offline_atari --preset paper --device cuda:0 --workers 4
+    python -m crowdplay_minari.benchmarks.offline_atari --algorithms bc,cql --seeds 0,1 --steps 50000 \\
         --datasets crowdplay/riverraid/plain-player_0-v0:min_score=50 \\
             'crowdplay/space_invaders/insideout-player_0-v0:min_score=50,min_task_adherence=0.8' \\
         --out runs/mine
@@ -590,8 +590,9 @@ def play_episodes(
     per-epoch ones (1), so every algorithm meets the same starts for the same seed.
     """
     from crowdplay_minari.envs import CrowdPlayAtariEnv
+    from crowdplay_minari.games import task_adherence_key
     from crowdplay_minari.processing import ProcessingConfig
-    from crowdplay_minari.statistics import running_statistics, task_adherence_key
+    from crowdplay_minari.statistics import running_statistics
 
     processing = ProcessingConfig.d3rlpy_preset()
     env = CrowdPlayAtariEnv(game, processing, max_episode_frames=max_frames, seed=0)
@@ -645,10 +646,9 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
     results row. Raises on any failure."""
     import d3rlpy
 
-    from conversion.layout import num_actions
     from crowdplay_minari.d3rlpy_bridge import kept_frames, split_episodes, to_replay_buffer
+    from crowdplay_minari.games import human_normalized_score, num_actions
     from crowdplay_minari.processing import ProcessingConfig
-    from crowdplay_minari.scores import human_normalized_score
 
     d3rlpy.seed(cell.seed)
     spec = cell.spec
@@ -1473,7 +1473,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.offline_atari",
+        prog="python -m crowdplay_minari.benchmarks.offline_atari",
         description="Offline RL grid on CrowdPlay data (d3rlpy 2.8): "
         "algorithms x dataset selections x seeds, resumable.",
     )
@@ -1483,6 +1483,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run from the importable module, so that spawned workers unpickle the same classes.
-    from benchmarks.offline_atari import main as _main
+    from crowdplay_minari.benchmarks.offline_atari import main as _main
 
     sys.exit(_main())

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import h5py
 
-from crowdplay_minari.episode import TWO_PLAYER_GAMES, EpisodeMetadata
+from crowdplay_minari.episode import EpisodeMetadata
+from crowdplay_minari.games import TWO_PLAYER_GAMES
 from crowdplay_minari.raw import (
     CrowdPlayDataError,
     RawDataset,

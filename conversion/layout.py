@@ -21,15 +21,14 @@ Episode content (one Minari episode per CrowdPlay episode and agent, N raw 60 Hz
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 
 from crowdplay_minari import __version__
-from crowdplay_minari.episode import FRAME_SHAPE, TWO_PLAYER_GAMES, player_name
-from crowdplay_minari.scores import REFERENCE_SCORES
+from crowdplay_minari.episode import FRAME_SHAPE, player_name
+from crowdplay_minari.games import TWO_PLAYER_GAMES, game_info, num_actions
 
 DEFAULT_NAMESPACE = "crowdplay"
 DATASET_VERSION = 0
@@ -59,19 +58,6 @@ class DatasetKey:
     @property
     def dataset_id(self) -> str:
         return dataset_id(self.namespace, self.game, self.task, self.agent_id)
-
-
-@functools.cache
-def num_actions(game: str) -> int:
-    """Size of the game's minimal action set, read from the emulator."""
-    import ale_py
-
-    from crowdplay_minari.envs import rom_for_game
-
-    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # before construction: no banner
-    ale = ale_py.ALEInterface()
-    ale.loadROM(str(ale_py.roms.get_rom_path(rom_for_game(game))))
-    return len(ale.getMinimalActionSet())
 
 
 def observation_space() -> gym.spaces.Box:
@@ -109,7 +95,7 @@ def dataset_metadata(key: DatasetKey) -> dict:
     """Minari metadata fields beyond what `MinariStorage.new` writes."""
     from crowdplay_minari.envs import eval_env_spec
 
-    random_score, human_score = REFERENCE_SCORES[key.game]
+    info = game_info(key.game)
     return {
         "dataset_id": key.dataset_id,
         "algorithm_name": "human",
@@ -119,8 +105,8 @@ def dataset_metadata(key: DatasetKey) -> dict:
         "description": description(key),
         "minari_version": _minari_version(),
         "eval_env_spec": eval_env_spec(key.game).to_json(),
-        "ref_min_score": random_score,
-        "ref_max_score": human_score,
+        "ref_min_score": info.random_score,
+        "ref_max_score": info.human_score,
         "num_episodes_average_score": 0,
         "requirements": REQUIREMENTS,
     }

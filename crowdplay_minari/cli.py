@@ -65,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(func=download.run)
 
     try:
-        from conversion import cli as conversion_cli
+        from crowdplay_minari.conversion import cli as conversion_cli
     except ImportError:  # the converter package is not installed
         conversion_cli = None
     if conversion_cli is not None:
         conversion_cli.add_commands(sub)
     try:
-        from benchmarks import offline_atari
+        from crowdplay_minari.benchmarks import offline_atari
     except ImportError:
         offline_atari = None
     if offline_atari is not None and hasattr(offline_atari, "add_arguments"):

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .games import num_actions
 from .loading import CrowdPlayDataset, EpisodeView
 from .processing import ProcessingConfig, kept_frame_indices
 
@@ -114,8 +115,6 @@ def to_replay_buffer(
     if not episodes:
         raise ValueError("no episodes to put in a replay buffer")
     if action_size is None:
-        from conversion.layout import num_actions
-
         action_size = max(num_actions(e.game) for e in episodes)
     arrays = to_arrays(episodes, config)
     kwargs = {}

@@ -29,7 +29,7 @@ def run_demo(
     """Run every stage, printing what each produced; returns a summary dict."""
     import torch
 
-    from conversion.convert import ConversionConfig, convert
+    from crowdplay_minari.conversion.convert import ConversionConfig, convert
 
     from .d3rlpy_bridge import split_episodes, to_replay_buffer
     from .envs import CrowdPlayAtariEnv

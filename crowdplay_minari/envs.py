@@ -35,6 +35,7 @@ from gymnasium import spaces
 from gymnasium.envs.registration import EnvSpec
 
 from crowdplay_minari.episode import FRAME_SHAPE
+from crowdplay_minari.games import GAMES, rom_for_game
 from crowdplay_minari.processing import ProcessingConfig, frames_needed, stacked_observations
 
 __all__ = [
@@ -48,27 +49,10 @@ __all__ = [
     "rom_for_game",
 ]
 
-GAME_ROMS: dict[str, str] = {
-    "space_invaders": "space_invaders",
-    # Two-player and human+AI Space Invaders are evaluated as the single-player game.
-    "space_invaders_2p": "space_invaders",
-    "space_invaders_ai": "space_invaders",
-    "riverraid": "riverraid",
-    "qbert": "qbert",
-    "breakout": "breakout",
-    "beam_rider": "beam_rider",
-    "montezuma_revenge": "montezuma_revenge",
-}
-"""CrowdPlay game name -> `ale-py` ROM id."""
+GAME_ROMS: dict[str, str] = {name: info.rom for name, info in GAMES.items()}
+"""CrowdPlay game name -> `ale-py` ROM id (a view of the games catalogue)."""
 
-_ROM_ENV_NAMES: dict[str, str] = {
-    "space_invaders": "SpaceInvaders",
-    "riverraid": "Riverraid",
-    "qbert": "Qbert",
-    "breakout": "Breakout",
-    "beam_rider": "BeamRider",
-    "montezuma_revenge": "MontezumaRevenge",
-}
+_ROM_ENV_NAMES: dict[str, str] = {info.rom: info.env_name for info in GAMES.values()}
 
 EVAL_ENV_IDS: dict[str, str] = {rom: f"CrowdPlay/{name}-v0" for rom, name in _ROM_ENV_NAMES.items()}
 """ROM id -> registered gymnasium id of its evaluation environment."""
@@ -78,17 +62,6 @@ COLLECTION_ENTRY_POINT = "ale_py.env:AtariEnv"
 
 _PROCESSING_FIELDS = tuple(field.name for field in dataclasses.fields(ProcessingConfig))
 _MAX_ALE_SEED = 2**31 - 1  # ALE's `random_seed` is a C int
-
-
-def rom_for_game(game: str) -> str:
-    """The `ale-py` ROM id CrowdPlay's `game` runs on, e.g. `'space_invaders_2p'` ->
-    `'space_invaders'`. Raises `ValueError` for a game CrowdPlay did not record."""
-    try:
-        return GAME_ROMS[game]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown CrowdPlay game {game!r}; expected one of {', '.join(GAME_ROMS)}"
-        ) from None
 
 
 class CrowdPlayAtariEnv(gym.Env[np.ndarray, np.int64]):

@@ -19,8 +19,6 @@ AI = 2
 """`user_types` value: an AI policy controlled the agent on this frame."""
 
 FRAME_SHAPE = (210, 160, 3)
-TWO_PLAYER_GAMES = frozenset({"space_invaders_2p", "space_invaders_ai"})
-"""CrowdPlay games with two agents (`game_0>player_0` and `game_0>player_1`)."""
 RAM_SIZE = 128
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from .attributes import decode_attributes, nested_from_flat
 from .frame_store import StoredFrames
+from .games import task_adherence_key
 from .processing import (
     CompactTrajectory,
     FrameStacks,
@@ -47,7 +48,6 @@ from .processing import (
     compact_trajectory,
     read_all_frames,
 )
-from .statistics import task_adherence_key
 
 CACHE_ENV = "CROWDPLAY_MINARI_CACHE"
 _CACHE_FORMAT = 4  # bump when processing or the file layout changes (4: FrameStacks records)

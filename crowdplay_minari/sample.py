@@ -24,17 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .envs import rom_for_game
 from .episode import (
     AI,
     FRAME_SHAPE,
     HUMAN,
-    TWO_PLAYER_GAMES,
     AgentTrajectory,
     Episode,
     EpisodeMetadata,
     User,
 )
+from .games import TWO_PLAYER_GAMES, rom_for_game
 from .raw.writer import RawDatasetWriter
 from .statistics import TIMEDELTA_STATISTICS, running_statistics, space_invaders_x
 

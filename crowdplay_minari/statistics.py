@@ -33,15 +33,6 @@ RIVERRAID_X, RIVERRAID_CENTRE = 0x33, 0x4C
 RIVERRAID_SIDE_TASKS = {"left": (LEFT_SIDE, -1000.0, 5.0), "right": (RIGHT_SIDE, -5.0, 1000.0)}
 
 
-def task_adherence_key(game: str, task: str) -> str | None:
-    """The statistic that measures adherence to `task`, or None for tasks without one."""
-    if task in ALIEN_ORDER_TASKS and game.startswith("space_invaders"):
-        return CORRECT_ALIENS
-    if task in SIDE_TASKS:
-        return SIDE_TASKS[task][0]
-    return None
-
-
 def running_score(rewards: np.ndarray) -> np.ndarray:
     """`Score`: the sum of the agent's rewards so far."""
     return np.cumsum(rewards)

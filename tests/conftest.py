@@ -46,7 +46,7 @@ def raw_sample_bz2(tmp_path_factory: pytest.TempPathFactory, raw_sample: Path) -
 def converted_sample(tmp_path_factory: pytest.TempPathFactory, raw_sample_bz2: Path):
     """`(root, report)`: the bz2 sample converted once per session into a fresh Minari root.
     Tests must treat it as read-only (touching a file's mtime is fine)."""
-    from conversion.convert import ConversionConfig, convert
+    from crowdplay_minari.conversion.convert import ConversionConfig, convert
 
     root = tmp_path_factory.mktemp("minari")
     report = convert(  # leaves MINARI_DATASETS_PATH as it found it

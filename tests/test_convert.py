@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crowdplay_minari.conversion.convert import STAGING_DIR, ConversionConfig, convert
+from crowdplay_minari.conversion.verify import verify
 
-from conversion.convert import STAGING_DIR, ConversionConfig, convert
-from conversion.verify import verify
 from crowdplay_minari.raw import RawDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -364,7 +364,7 @@ def test_ray_executor_converts_the_same(raw_sample_bz2, tmp_path, converted):
 def test_a_worker_holds_an_episode_about_once(raw_sample_bz2, tmp_path):
     """Staging streams the trajectory and compresses frames from the steps' own arrays: the
     peak is the unpickled episode plus a chunk buffer, not several copies of its frames."""
-    from benchmarks.bench_conversion import worker_memory
+    from crowdplay_minari.benchmarks.bench_conversion import worker_memory
 
     largest = max(raw_sample_bz2.glob("*.pickle.bz2"), key=lambda path: path.stat().st_size)
     memory = worker_memory(raw_sample_bz2, largest.name.split(".")[0], tmp_path / "staging")
@@ -378,8 +378,8 @@ def test_frame_chunks_hold_the_frames_a_repeat_and_black(raw_sample_bz2, n):
     converter passes), through one reused chunk buffer: whatever an earlier, longer episode
     left in it never shows up in a later one's padding."""
     import zstandard
+    from crowdplay_minari.conversion.episode_writer import FrameChunkCompressor
 
-    from conversion.episode_writer import FrameChunkCompressor
     from crowdplay_minari.episode import StepFrames
 
     raw = RawDataset(raw_sample_bz2)

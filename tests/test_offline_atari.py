@@ -14,9 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-
-from benchmarks import offline_atari
-from benchmarks.offline_atari import (
+from crowdplay_minari.benchmarks import offline_atari
+from crowdplay_minari.benchmarks.offline_atari import (
     ALGORITHMS,
     DatasetSpec,
     FrameStack,
@@ -27,7 +26,8 @@ from benchmarks.offline_atari import (
     iqm,
     load_grid_file,
 )
-from crowdplay_minari.scores import REFERENCE_SCORES
+
+from crowdplay_minari.games import game_info
 
 INSIDEOUT = "crowdplay/space_invaders/insideout-player_0-v0"
 RIVERRAID = "crowdplay/riverraid/plain-player_0-v0"
@@ -300,7 +300,8 @@ SMOKE_FLAGS = [
 def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Converted datasets of an emulator-made sample: Space Invaders insideout and Riverraid,
     two episodes each (600 frames, the second cut at 400), so the 90/10 split holds one out."""
-    from conversion.convert import ConversionConfig, convert
+    from crowdplay_minari.conversion.convert import ConversionConfig, convert
+
     from crowdplay_minari.sample import DEFAULT_SESSIONS, generate_sample
 
     root = tmp_path_factory.mktemp("offline_atari")
@@ -319,7 +320,8 @@ def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def bench(sample_root: Path, *flags: str) -> int:
-    """`python -m benchmarks.offline_atari FLAGS` against the sample (workers inherit the env)."""
+    """`python -m crowdplay_minari.benchmarks.offline_atari FLAGS` against the sample (workers
+    inherit the env)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MINARI_DATASETS_PATH", str(sample_root / "minari"))
         patch.setenv("CROWDPLAY_MINARI_CACHE", str(sample_root / "cache"))
@@ -361,7 +363,7 @@ def test_smoke_grid_trains_evaluates_and_reports(smoke_run: tuple[Path, float]) 
         assert row["human_normalized"] == pytest.approx(evaluation["human_normalized"])
         assert row["n_train_episodes"] == 1 and row["n_train_steps"] > 0
         game = "space_invaders" if row["dataset"] == INSIDEOUT else "riverraid"
-        random_score, human_score = REFERENCE_SCORES[game]
+        random_score, human_score = game_info(game).random_score, game_info(game).human_score
         assert row["human_normalized"] == pytest.approx(
             (row["eval_return"] - random_score) / (human_score - random_score)
         )

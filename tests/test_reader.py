@@ -14,16 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crowdplay_minari.envs import GAME_ROMS
 from crowdplay_minari.episode import (
     AI,
     FRAME_SHAPE,
     HUMAN,
     RAM_SIZE,
-    TWO_PLAYER_GAMES,
     Episode,
     StepFrames,
 )
+from crowdplay_minari.games import GAMES, TWO_PLAYER_GAMES
 from crowdplay_minari.raw import (
     CorruptTrajectoryError,
     RawDataset,
@@ -176,7 +175,7 @@ def minimal_action_counts() -> dict[str, int]:
     from ale_py import roms
 
     counts = {}
-    for game, rom in GAME_ROMS.items():
+    for game, rom in ((name, info.rom) for name, info in GAMES.items()):
         ale = ale_py.ALEInterface()
         ale.setLoggerMode(ale_py.LoggerMode.Error)
         ale.loadROM(str(roms.get_rom_path(rom)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from crowdplay_minari.games import task_adherence_key
 from crowdplay_minari.statistics import (
     ACTIVE_PLAYTIME,
     ACTIVE_PLAYTIME_2P,
@@ -30,7 +31,6 @@ from crowdplay_minari.statistics import (
     running_statistics,
     running_time_played,
     space_invaders_x,
-    task_adherence_key,
 )
 
 FPS = 60
