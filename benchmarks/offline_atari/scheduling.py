@@ -1,0 +1,235 @@
+"""The grid: resume, run the cells that are not done in a process pool or on Ray, then write
+the reports."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .cell import (
+    cell_config,
+    is_done,
+    jsonable,
+    now,
+    read_status,
+    result_row,
+    run_cell,
+    update_status,
+    write_json,
+)
+from .grid import Cell, GridConfig, GridError
+from .reports import write_reports
+
+# -- 4. The grid: resume, run cells in a process pool or on Ray ----------------------------------
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per cell: `workers` cells share the machine
+
+
+def _cell_in_worker(cell: Cell, cells_root: str) -> dict[str, Any]:
+    _init_worker()  # again: Ray workers have no initializer
+    return run_cell(cell, cells_root)
+
+
+def _record_lost(cell: Cell, cells_root: Path, why: str) -> dict[str, Any]:
+    """A cell whose worker died before it could record anything itself."""
+    cell_dir = cells_root / cell.name
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    row = {**result_row(cell, "failed"), "error": why}
+    write_json(cell_dir / "result.json", row)
+    update_status(cell_dir, status="failed", finished=now(), error=why, traceback=None)
+    return row
+
+
+def _run_process_pool(
+    cells: Sequence[Cell], cells_root: Path, workers: int, report: Callable[[dict], None]
+) -> None:
+    """Cells in a pool of `workers` spawned processes (each imports torch and d3rlpy once, about
+    10 s here, then runs cell after cell). A worker that dies (killed, out of memory) breaks the
+    pool: the cells that had started are recorded as failed, the others go to a new pool."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = multiprocessing.get_context("spawn")
+    queue = list(cells)
+    while queue:
+        runs_before = {c.name: read_status(cells_root / c.name).get("runs", 0) for c in queue}
+        with ProcessPoolExecutor(
+            min(workers, len(queue)), mp_context=context, initializer=_init_worker
+        ) as pool:
+            futures = {pool.submit(_cell_in_worker, c, str(cells_root)): c for c in queue}
+            queue = []
+            for future in as_completed(futures):
+                cell = futures[future]
+                try:
+                    report(future.result())
+                except BrokenProcessPool as exc:
+                    runs = read_status(cells_root / cell.name).get("runs", 0)
+                    if runs > runs_before[cell.name]:  # it had started: it may be the culprit
+                        why = f"worker process died (killed or out of memory?): {exc}"
+                        report(_record_lost(cell, cells_root, why))
+                    else:
+                        queue.append(cell)
+        if queue and len(queue) == len(futures):  # no cell even started: workers cannot start
+            for cell in queue:
+                report(_record_lost(cell, cells_root, "worker processes fail to start"))
+            queue = []
+
+
+def _run_ray(
+    cells: Sequence[Cell], cells_root: Path, grid: GridConfig, report: Callable[[dict], None]
+) -> None:
+    """Cells as Ray tasks, at most `workers` at once. On a cluster, OUT and the Minari root
+    must be on a shared file system (paths are passed as they are here)."""
+    import ray
+
+    import crowdplay_minari
+
+    # The folder that holds the package, so Ray workers import the same code (checkout or wheel).
+    repo_root = str(Path(crowdplay_minari.__file__).resolve().parent.parent)
+    env_vars = {
+        key: os.environ[key]
+        for key in ("MINARI_DATASETS_PATH", "CROWDPLAY_MINARI_CACHE")
+        if key in os.environ
+    }
+    env_vars["PYTHONPATH"] = os.pathsep.join(
+        p for p in (repo_root, os.environ.get("PYTHONPATH")) if p
+    )
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(
+            address=grid.ray_address,
+            num_cpus=None if grid.ray_address else grid.workers,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": env_vars},
+        )
+    remote_cell = ray.remote(num_cpus=1, num_gpus=grid.gpus_per_cell, max_retries=0)(
+        _cell_in_worker
+    )
+    queue, running = list(cells), {}
+    try:
+        while queue or running:
+            while queue and len(running) < grid.workers:
+                cell = queue.pop(0)
+                running[remote_cell.remote(cell, str(cells_root))] = cell
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                cell = running.pop(ref)
+                try:
+                    report(ray.get(ref))
+                except ray.exceptions.RayError as exc:
+                    report(_record_lost(cell, cells_root, f"Ray task failed: {exc}"))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One grid run per output directory at a time."""
+    import fcntl
+
+    with open(out / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GridError(f"another run is using {out} (lock {out / '.lock'})") from None
+        yield
+
+
+def _check_identity(cells: Sequence[Cell], cells_root: Path) -> None:
+    """A cell directory from an earlier run must describe the same cell."""
+    for cell in cells:
+        path = cells_root / cell.name / "config.json"
+        if not path.exists():
+            continue
+        stored = json.loads(path.read_text()).get("cell", {})
+        stored.pop("device", None)
+        changed = {k: (stored.get(k), v) for k, v in cell.identity().items() if stored.get(k) != v}
+        if changed:
+            diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise GridError(
+                f"{cells_root / cell.name} was run with other settings ({diff}); "
+                "use another --out or delete that cell's directory"
+            )
+
+
+def run_grid(grid: GridConfig, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every cell of `grid` that is not done yet, then write the reports; returns the
+    results rows (done and failed) of all cells."""
+    if not grid.datasets:
+        raise GridError("no datasets: give --preset, --grid or --datasets")
+    out = Path(grid.out)
+    cells_root = out / "cells"
+    cells_root.mkdir(parents=True, exist_ok=True)
+    cells = grid.cells()
+    with _exclusive(out):
+        _check_identity(cells, cells_root)
+        todo = [c for c in cells if not is_done(cells_root / c.name)]
+        for cell in todo:
+            cell_dir = cells_root / cell.name
+            cell_dir.mkdir(exist_ok=True)
+            if not (cell_dir / "config.json").exists():
+                write_json(cell_dir / "config.json", cell_config(cell))
+            if not (cell_dir / "status.json").exists():
+                update_status(cell_dir, status="pending", runs=0)
+        started = time.perf_counter()
+        write_json(
+            out / "grid.json",
+            {"grid": jsonable(_grid_dict(grid)), "started": now(), "argv": sys.argv},
+        )
+        log(
+            f"{len(cells)} cells, {len(cells) - len(todo)} done already, running {len(todo)} "
+            f"with {grid.workers} worker(s) ({grid.backend}) -> {out}"
+        )
+        finished = 0
+
+        def report(row: dict[str, Any]) -> None:
+            nonlocal finished
+            finished += 1
+            outcome = (
+                f"return {row['eval_return']:.1f}"
+                if row["status"] == "done"
+                else f"error {row['error']}"
+            )
+            log(
+                f"[{finished}/{len(todo)}] {row['status']:6s} {row['cell']}  {outcome}  "
+                f"({row.get('wall_seconds') or 0:.0f} s)"
+            )
+
+        if todo and grid.backend == "ray":
+            _run_ray(todo, cells_root, grid, report)
+        elif todo:
+            _run_process_pool(todo, cells_root, grid.workers, report)
+        rows = [
+            json.loads((cells_root / c.name / "result.json").read_text())
+            if (cells_root / c.name / "result.json").exists()
+            else result_row(c, read_status(cells_root / c.name).get("status", "pending"))
+            for c in cells
+        ]
+        seconds = time.perf_counter() - started
+        write_reports(out, grid, cells, rows, run_seconds=seconds)
+    failed = sum(r["status"] != "done" for r in rows)
+    log(
+        f"{len(rows) - failed}/{len(rows)} cells done, {failed} failed; this run took "
+        f"{seconds:.0f} s; see {out / 'summary.md'}"
+    )
+    return rows
+
+
+def _grid_dict(grid: GridConfig) -> dict[str, Any]:
+    fields = dataclasses.asdict(grid)
+    fields["datasets"] = [str(d) for d in grid.datasets]
+    return fields
