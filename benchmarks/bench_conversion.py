@@ -36,14 +36,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import crowdplay_minari.conversion.convert as convert_module
 import h5py
 import hdf5plugin
 import numpy as np
+
+import crowdplay_minari.conversion.convert as convert_module
 from crowdplay_minari.conversion.convert import ConversionConfig, EpisodeJob, convert, stage_episode
 from crowdplay_minari.conversion.episode_writer import LIBVER, write_observations
 from crowdplay_minari.conversion.layout import DEFAULT_NAMESPACE
-
 from crowdplay_minari.episode import FRAME_SHAPE
 from crowdplay_minari.raw import RawDataset
 

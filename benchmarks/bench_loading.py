@@ -46,8 +46,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from crowdplay_minari.conversion.convert import ConversionConfig, convert
 
+from crowdplay_minari.conversion.convert import ConversionConfig, convert
 from crowdplay_minari.loading import (
     CACHE_ENV,
     CrowdPlayDataset,

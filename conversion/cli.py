@@ -6,18 +6,24 @@ import argparse
 import os
 from pathlib import Path
 
+from crowdplay_minari.cli import (
+    EXIT_MISMATCH,
+    EXIT_OK,
+    EXIT_SKIPPED,
+    add_command,
+    positive_int,
+    raw_directory,
+)
+from crowdplay_minari.roots import local_dataset_ids
+
 from .layout import DEFAULT_NAMESPACE
 
-
-def _set_root(root: Path | None) -> None:
-    if root is not None:
-        os.environ["MINARI_DATASETS_PATH"] = str(root)
+ROOT_HELP = "Minari datasets folder (default: $MINARI_DATASETS_PATH, else ~/.minari/datasets)"
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import ConversionConfig, convert
 
-    _set_root(args.root)
     report = convert(
         ConversionConfig(
             raw_dir=args.raw_dir,
@@ -39,54 +45,79 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.verify:
         from .verify import verify
 
-        result = verify(args.raw_dir, sorted(report.datasets), log=lambda s: None)
+        result = verify(args.raw_dir, sorted(report.datasets), root=args.root, log=lambda s: None)
         for problem in result.problems:
             print(f"VERIFY FAILED: {problem}")
         print(f"verified {result.episodes_checked} episodes, {result.frames_checked} frames")
         if not result.ok:
-            return 3
-    return 0 if report.ok else 2
+            return EXIT_MISMATCH
+    return EXIT_OK if report.ok else EXIT_SKIPPED
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    import minari
-
     from .verify import verify
 
-    _set_root(args.root)
-    ids = args.datasets or sorted(minari.list_local_datasets(prefix=args.namespace))
-    result = verify(args.raw_dir, ids)
+    ids = args.datasets or local_dataset_ids(args.root, prefix=args.namespace.rstrip("/") + "/")
+    result = verify(args.raw_dir, ids, root=args.root)
     for problem in result.problems:
         print(f"MISMATCH: {problem}")
     print(
         f"checked {result.episodes_checked} episodes, {result.frames_checked} frames: "
         + ("all equal to the raw source" if result.ok else f"{len(result.problems)} problem(s)")
     )
-    return 0 if result.ok else 3
+    return EXIT_OK if result.ok else EXIT_MISMATCH
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    convert = sub.add_parser(
-        "convert", help="convert a raw CrowdPlay directory into per-agent Minari datasets"
+    """`convert` and `verify`."""
+    convert = add_command(
+        sub,
+        "convert",
+        help="convert a raw CrowdPlay folder into per-agent Minari datasets (resumable)",
+        examples=[
+            "crowdplay-minari convert data/raw/crowdplay_atari-v0 --root data/minari",
+            "crowdplay-minari convert data/raw/crowdplay_atari-v0 --executor ray --workers 16",
+        ],
+        run=_cmd_convert,
     )
-    convert.add_argument("raw_dir", type=Path)
+    convert.add_argument("raw_dir", type=raw_directory, help="the crowdplay_atari-v0 folder")
+    convert.add_argument("--root", type=Path, default=None, help=ROOT_HELP)
     convert.add_argument(
-        "--root",
-        type=Path,
-        default=None,
-        help="Minari datasets root (default: $MINARI_DATASETS_PATH or Minari's default)",
+        "--namespace", default=DEFAULT_NAMESPACE, help="dataset id prefix (default %(default)s)"
     )
-    convert.add_argument("--namespace", default=DEFAULT_NAMESPACE)
-    convert.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    convert.add_argument("--executor", choices=["local", "ray"], default="local")
-    convert.add_argument("--ray-address", default=None, help="Ray cluster address (executor ray)")
-    convert.add_argument("--verify", action="store_true", help="verify against the raw source")
-    convert.add_argument("--quiet", action="store_true")
-    convert.set_defaults(func=_cmd_convert)
+    convert.add_argument(
+        "--workers",
+        type=positive_int,
+        default=os.cpu_count() or 1,
+        help="episodes converted at once (default: the number of CPUs)",
+    )
+    convert.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local process pool (default) or a Ray cluster",
+    )
+    convert.add_argument(
+        "--ray-address", default=None, help="Ray cluster address (with --executor ray)"
+    )
+    convert.add_argument(
+        "--verify", action="store_true", help="afterwards, compare every array with the raw source"
+    )
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    verify = sub.add_parser("verify", help="check converted datasets against the raw source")
-    verify.add_argument("raw_dir", type=Path)
+    verify = add_command(
+        sub,
+        "verify",
+        help="check converted datasets against the raw source, array by array",
+        examples=[
+            "crowdplay-minari verify data/raw/crowdplay_atari-v0 --root data/minari",
+            "crowdplay-minari verify data/raw/crowdplay_atari-v0 crowdplay/qbert/plain-player_0-v0",
+        ],
+        run=_cmd_verify,
+    )
+    verify.add_argument("raw_dir", type=raw_directory, help="the crowdplay_atari-v0 folder")
     verify.add_argument("datasets", nargs="*", help="dataset ids (default: the whole namespace)")
-    verify.add_argument("--root", type=Path, default=None)
-    verify.add_argument("--namespace", default=DEFAULT_NAMESPACE)
-    verify.set_defaults(func=_cmd_verify)
+    verify.add_argument("--root", type=Path, default=None, help=ROOT_HELP)
+    verify.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help="namespace to verify (default %(default)s)"
+    )

@@ -15,6 +15,7 @@ import numpy as np
 
 from crowdplay_minari.attributes import decode_attributes, nested_from_flat
 from crowdplay_minari.raw import CrowdPlayDataError, RawDataset
+from crowdplay_minari.roots import dataset_dir
 
 
 @dataclass
@@ -35,11 +36,14 @@ def _flat_attributes(storage, index: int) -> dict:
         return dict(file[f"episode_{index}"].attrs)
 
 
-def verify_dataset(dataset_id: str, raw: RawDataset, report: VerificationReport) -> None:
-    """Compare every episode of one converted dataset with the raw source."""
+def verify_dataset(
+    dataset_id: str, raw: RawDataset, report: VerificationReport, root: Path | None = None
+) -> None:
+    """Compare every episode of one converted dataset (under the datasets folder `root`) with
+    the raw source."""
     import minari
 
-    dataset = minari.load_dataset(dataset_id)
+    dataset = minari.MinariDataset(dataset_dir(dataset_id, root))
     storage = dataset.storage
     all_meta = raw.metadata()
     for ep in dataset.iterate_episodes():
@@ -99,12 +103,17 @@ def verify_dataset(dataset_id: str, raw: RawDataset, report: VerificationReport)
 
 
 def verify(
-    raw_dir: Path, dataset_ids: list[str], log: Callable[[str], None] = print
+    raw_dir: Path,
+    dataset_ids: list[str],
+    *,
+    root: Path | None = None,
+    log: Callable[[str], None] = print,
 ) -> VerificationReport:
-    """Verify several datasets; problems are listed in the returned report."""
+    """Verify several datasets under the datasets folder `root` (default: Minari's); problems
+    are listed in the returned report."""
     raw = RawDataset(raw_dir)
     report = VerificationReport()
     for dataset_id in dataset_ids:
-        verify_dataset(dataset_id, raw, report)
+        verify_dataset(dataset_id, raw, report, root)
         log(f"verified {dataset_id}")
     return report

@@ -1,15 +1,117 @@
-"""The `crowdplay-minari` command: sample, download, convert, verify, bench, demo."""
+"""Command-line manners shared by every floor, and the base floor's commands (`sample`,
+`download`).
+
+Each floor registers its own subcommands (`add_commands`); the `crowdplay-minari` entry point,
+which sees every floor, lives at the top (`crowdplay_minari.benchmarks.cli`). A user's mistake
+ends in one line on stderr and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+"""Something went wrong that is not the user's doing (corrupt input, a bug); the message says
+what."""
+EXIT_USAGE = 2
+EXIT_MISMATCH = 3
+"""`verify` (or `convert --verify`) found stored data that differs from its source or checksum."""
+EXIT_SKIPPED = 4
+"""Done, but some inputs were skipped (named in the output and the conversion report)."""
+EXIT_DISK_FULL = 5
+"""The disk filled up; what was published before stays intact, rerun with space to finish."""
+EXIT_INTERRUPTED = 130
+
+EXIT_STATUSES = """exit status:
+  0    done
+  1    failed (the message names the file and what is wrong)
+  2    usage error: the command line asks for something impossible
+  3    verification mismatch (verify, convert --verify)
+  4    done, but some inputs were skipped (listed in the output)
+  5    disk full (published datasets are intact; rerun with more space)
+  130  interrupted (rerun the same command to resume)"""
+
+
+class UsageError(Exception):
+    """A user's mistake: the message says what to do instead."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `prog: error: ... (see 'prog --help')`, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    *,
+    help: str,
+    examples: list[str],
+    run: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows `help`, `examples` and the exit statuses."""
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples) + "\n\n" + EXIT_STATUSES
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def raw_directory(text: str) -> Path:
+    """argparse type: a raw CrowdPlay folder (one that holds `dataset.sqlite`)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{path} is not a directory; give the raw CrowdPlay folder (crowdplay_atari-v0) that "
+            "`crowdplay-minari sample DIR` or `crowdplay-minari download DEST` made"
+        )
+    if not (path / "dataset.sqlite").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{path} holds no dataset.sqlite; give the crowdplay_atari-v0 folder itself"
+        )
+    return path
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .sample import generate_sample
 
+    if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
+        raise UsageError(
+            f"{args.out_dir} exists and is not an empty directory; give a new or empty directory"
+        )
     summary = generate_sample(
         args.out_dir,
         seed=args.seed,
@@ -24,23 +126,34 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         f"{args.out_dir} in {summary['seconds']:.1f} s "
         f"({summary['frames_per_second']:.0f} frames/s)"
     )
-    return 0
+    return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="crowdplay-minari",
-        description="CrowdPlay Atari demonstrations as Minari datasets.",
+def _cmd_download(args: argparse.Namespace) -> int:
+    from . import download
+
+    return download.run(args)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """`sample` and `download`."""
+    sample = add_command(
+        sub,
+        "sample",
+        help="play Atari in the emulator and write raw CrowdPlay-format sample data",
+        examples=["crowdplay-minari sample data/raw/crowdplay_atari-v0 --episodes 8 --seed 0"],
+        run=_cmd_sample,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    sample = sub.add_parser(
-        "sample", help="play Atari in the emulator and write raw CrowdPlay-format sample data"
+    sample.add_argument(
+        "out_dir", type=Path, help="new or empty folder for dataset.sqlite and trajectories"
     )
-    sample.add_argument("out_dir", type=Path)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--episodes", type=int, default=8, help="number of episodes (default 8)")
-    sample.add_argument("--frames", type=int, default=1500, help="frame cap per episode")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.add_argument(
+        "--episodes", type=positive_int, default=8, help="number of episodes (default 8)"
+    )
+    sample.add_argument(
+        "--frames", type=positive_int, default=1500, help="frame cap per episode (default 1500)"
+    )
     sample.add_argument(
         "--encodings",
         nargs="+",
@@ -48,43 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[".pickle.bz2", ".pickle.gz", ".pickle"],
         help="trajectory file encodings to write (CrowdPlay ships .pickle.bz2)",
     )
-    sample.add_argument("--workers", type=int, default=2)
-    sample.add_argument("--quiet", action="store_true")
-    sample.set_defaults(func=_cmd_sample)
-
-    from . import demo, download
-
-    dm = sub.add_parser(
-        "demo", help="sample -> Minari -> filtered processed load -> d3rlpy training -> eval"
+    sample.add_argument(
+        "--workers", type=positive_int, default=2, help="emulator processes (default 2)"
     )
-    demo.add_arguments(dm)
-    dm.set_defaults(func=demo.run)
+    sample.add_argument("--quiet", action="store_true", help="no per-episode progress lines")
 
-    dl = sub.add_parser("download", help="download and unpack the real CrowdPlay release (15 GB)")
+    from . import download
+
+    dl = add_command(
+        sub,
+        "download",
+        help="download and unpack the real CrowdPlay release (15 GB, resumable, checked)",
+        examples=["crowdplay-minari download data/raw"],
+        run=_cmd_download,
+    )
     download.add_arguments(dl)
-    dl.set_defaults(func=download.run)
-
-    try:
-        from crowdplay_minari.conversion import cli as conversion_cli
-    except ImportError:  # the converter package is not installed
-        conversion_cli = None
-    if conversion_cli is not None:
-        conversion_cli.add_commands(sub)
-    try:
-        from crowdplay_minari.benchmarks import offline_atari
-    except ImportError:
-        offline_atari = None
-    if offline_atari is not None and hasattr(offline_atari, "add_arguments"):
-        bench = sub.add_parser("bench", help="run an offline RL grid (benchmarks.offline_atari)")
-        offline_atari.add_arguments(bench)
-        bench.set_defaults(func=offline_atari.run)
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def fail(prog: str, message: str, status: int) -> int:
+    """Print `prog: error: message` on stderr; returns `status`."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return status

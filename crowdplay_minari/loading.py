@@ -48,6 +48,7 @@ from .processing import (
     compact_trajectory,
     read_all_frames,
 )
+from .roots import dataset_dir, datasets_root, local_dataset_ids
 
 CACHE_ENV = "CROWDPLAY_MINARI_CACHE"
 _CACHE_FORMAT = 4  # bump when processing or the file layout changes (4: FrameStacks records)
@@ -507,10 +508,8 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
-def _resolve_ids(dataset_ids: str | Sequence[str]) -> list[str]:
+def _resolve_ids(dataset_ids: str | Sequence[str], root: Path | None) -> list[str]:
     """Expand namespaces into dataset ids (`crowdplay` -> every dataset under it)."""
-    import minari
-
     requested = [dataset_ids] if isinstance(dataset_ids, str) else list(dataset_ids)
     resolved: list[str] = []
     local = None
@@ -519,31 +518,30 @@ def _resolve_ids(dataset_ids: str | Sequence[str]) -> list[str]:
             resolved.append(item)
             continue
         if local is None:
-            local = sorted(minari.list_local_datasets())
+            local = local_dataset_ids(root)
         matches = [d for d in local if d.startswith(item.rstrip("/") + "/")]
         if not matches:
-            raise ValueError(f"no local Minari dataset id or namespace matches {item!r}")
+            raise ValueError(
+                f"no dataset id or namespace under {datasets_root(root)} matches {item!r}"
+            )
         resolved.extend(matches)
     return list(dict.fromkeys(resolved))
 
 
-def _dataset_dir(dataset_id: str) -> Path:
-    from minari.storage.datasets_root_dir import get_dataset_path
-
-    return Path(get_dataset_path()) / dataset_id / "data"
-
-
-def load_dataset(dataset_ids: str | Sequence[str]) -> CrowdPlayDataset:
+def load_dataset(
+    dataset_ids: str | Sequence[str], root: str | os.PathLike | None = None
+) -> CrowdPlayDataset:
     """Load converted CrowdPlay datasets: one id, a list of ids, or a namespace prefix
-    (`"crowdplay"`, `"crowdplay/space_invaders"`). Reads episode metadata only."""
+    (`"crowdplay"`, `"crowdplay/space_invaders"`), from the datasets folder `root` (default:
+    Minari's, `$MINARI_DATASETS_PATH` or `~/.minari/datasets`). Reads episode metadata only."""
     episodes: list[EpisodeView] = []
-    for dataset_id in _resolve_ids(dataset_ids):
-        data_dir = _dataset_dir(dataset_id)
+    for dataset_id in _resolve_ids(dataset_ids, root):
+        data_dir = dataset_dir(dataset_id, root)
         main = data_dir / "main_data.hdf5"
         if not (data_dir / "metadata.json").exists() or not main.exists():
             raise FileNotFoundError(
                 f"dataset {dataset_id} not found under {data_dir.parent.parent}; "
-                "convert it with `crowdplay-minari convert` or check MINARI_DATASETS_PATH"
+                "convert it with `crowdplay-minari convert` or pass the right root="
             )
         with h5py.File(main, "r") as file:
             names = sorted(file.keys(), key=lambda k: int(k.rsplit("_", 1)[-1]))

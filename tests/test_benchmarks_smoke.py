@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from crowdplay_minari.benchmarks import bench_conversion, bench_reader
 
+from crowdplay_minari.benchmarks import bench_conversion, bench_reader
 from crowdplay_minari.episode import FRAME_SHAPE
 
 TINY = ["--episodes", "2", "--frames", "150", "--repeats", "1"]

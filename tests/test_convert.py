@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from crowdplay_minari.cli import EXIT_SKIPPED
 from crowdplay_minari.conversion.convert import STAGING_DIR, ConversionConfig, convert
 from crowdplay_minari.conversion.verify import verify
-
 from crowdplay_minari.raw import RawDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +223,7 @@ def test_bad_input_is_reported_by_name_and_the_rest_converts(raw_sample_bz2, tmp
         [
             sys.executable,
             "-m",
-            "crowdplay_minari.cli",
+            "crowdplay_minari.benchmarks.cli",
             "convert",
             str(raw_dir),
             "--root",
@@ -237,7 +238,7 @@ def test_bad_input_is_reported_by_name_and_the_rest_converts(raw_sample_bz2, tmp
         timeout=600,
         cwd=REPO,
     )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_SKIPPED, proc.stdout + proc.stderr
     assert not (raw_dir / "pwned").exists()
     report = json.loads((root / "crowdplay" / "conversion_report.json").read_text())
     skipped = {s["episode_id"]: s for s in report["skipped"]}
@@ -276,7 +277,7 @@ def test_killed_conversion_resumes_without_redoing_work(raw_sample_bz2, tmp_path
     cmd = [
         sys.executable,
         "-m",
-        "crowdplay_minari.cli",
+        "crowdplay_minari.benchmarks.cli",
         "convert",
         str(raw_sample_bz2),
         "--root",
@@ -378,8 +379,8 @@ def test_frame_chunks_hold_the_frames_a_repeat_and_black(raw_sample_bz2, n):
     converter passes), through one reused chunk buffer: whatever an earlier, longer episode
     left in it never shows up in a later one's padding."""
     import zstandard
-    from crowdplay_minari.conversion.episode_writer import FrameChunkCompressor
 
+    from crowdplay_minari.conversion.episode_writer import FrameChunkCompressor
     from crowdplay_minari.episode import StepFrames
 
     raw = RawDataset(raw_sample_bz2)

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from crowdplay_minari.conversion.convert import ConversionConfig, convert
 
+from crowdplay_minari.conversion.convert import ConversionConfig, convert
 from crowdplay_minari.d3rlpy_bridge import kept_frames, split_episodes, to_arrays, to_replay_buffer
 from crowdplay_minari.games import num_actions
 from crowdplay_minari.loading import CACHE_ENV, CrowdPlayDataset, load_dataset

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+
 from crowdplay_minari.benchmarks import offline_atari
 from crowdplay_minari.benchmarks.offline_atari import (
     ALGORITHMS,
@@ -26,7 +27,6 @@ from crowdplay_minari.benchmarks.offline_atari import (
     iqm,
     load_grid_file,
 )
-
 from crowdplay_minari.games import game_info
 
 INSIDEOUT = "crowdplay/space_invaders/insideout-player_0-v0"
@@ -301,7 +301,6 @@ def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Converted datasets of an emulator-made sample: Space Invaders insideout and Riverraid,
     two episodes each (600 frames, the second cut at 400), so the 90/10 split holds one out."""
     from crowdplay_minari.conversion.convert import ConversionConfig, convert
-
     from crowdplay_minari.sample import DEFAULT_SESSIONS, generate_sample
 
     root = tmp_path_factory.mktemp("offline_atari")

@@ -27,11 +27,11 @@ from .grid import Cell, DatasetSpec, EmptySelectionError, GridError
 # -- 3. One cell: select, split, buffer, train (resumable), evaluate ----------------------------
 
 
-def select_episodes(spec: DatasetSpec):
+def select_episodes(spec: DatasetSpec, root: str | None = None):
     """The episodes of `spec` (metadata only); `EmptySelectionError` if none is left."""
     from crowdplay_minari.loading import load_dataset
 
-    data = load_dataset(spec.dataset)
+    data = load_dataset(spec.dataset, root=root)
     selected = data.filter(**spec.filter_arguments())
     if len(selected) == 0:
         scores = sorted(e.score for e in data.episodes)
@@ -56,7 +56,7 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
     processing = ProcessingConfig.d3rlpy_preset()
 
     # Data: the selection, a seeded 90/10 episode split, d3rlpy buffers.
-    episodes = select_episodes(spec)
+    episodes = select_episodes(spec, cell.root)
     games = sorted({e.game for e in episodes})
     if len(games) != 1:
         raise GridError(f"{spec} selects several games ({', '.join(games)}); add game=...")

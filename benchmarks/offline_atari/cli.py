@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from crowdplay_minari.cli import EXIT_USAGE, Parser, positive_int
+
 from .algorithms import ALGORITHMS
 from .cell import read_status
 from .grid import (
@@ -41,8 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DATASET_ID_OR_NAMESPACE[:key=value,...] (filters: " + ", ".join(FILTER_KEYS) + ")",
     )
     a("--seeds", help="comma list of seeds, e.g. 0,1,2")
-    a("--steps", type=int, help="gradient steps per cell (CrowdPlay: 1000000)")
-    a("--steps-per-epoch", type=int, help="steps between checkpoints (CrowdPlay: 1000)")
+    a("--steps", type=positive_int, help="gradient steps per cell (CrowdPlay: 1000000)")
+    a(
+        "--steps-per-epoch",
+        type=positive_int,
+        help="steps between checkpoints (CrowdPlay: 1000; never more than --steps)",
+    )
     a("--batch-size", type=int, help="override the table's batch size (256)")
     a("--n-frames", type=int, help="stacked frames (4)")
     a("--test-size", type=float, help="held-out share of episodes (0.1)")
@@ -52,10 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--eval-noop-max", type=int, help="most random NOOP steps at an episode start (30)")
     a("--epoch-eval-episodes", type=int, help="episodes played after every epoch (0)")
     a("--device", help="cpu:0 or cuda:0")
-    a("--workers", type=int, help="cells at once (1)")
+    a("--workers", type=positive_int, help="cells at once (1)")
     a("--backend", choices=("process", "ray"), help="process pool (default) or Ray")
     a("--ray-address", help="Ray cluster address (default: a local Ray)")
     a("--gpus-per-cell", type=float, help="Ray: GPUs reserved per cell")
+    a("--root", help="Minari datasets folder (default: $MINARI_DATASETS_PATH or Minari's)")
     a("--out", help="output directory (default runs/offline_atari[/<preset>])")
     a("--list", action="store_true", help="print the cells and their status, run nothing")
 
@@ -71,6 +78,9 @@ def grid_from_args(args: argparse.Namespace) -> GridConfig:
         name: getattr(args, name) for name in GRID_FIELDS if getattr(args, name, None) is not None
     }
     fields.update(coerce_grid_fields(flags, source="command line"))
+    steps = fields.get("steps", GridConfig.steps)
+    if "steps_per_epoch" not in fields and steps < GridConfig.steps_per_epoch:
+        fields["steps_per_epoch"] = steps  # a short run is one epoch, not an error
     return GridConfig(**fields)
 
 
@@ -87,13 +97,13 @@ def run(args: argparse.Namespace) -> int:
             return 0
         rows = run_grid(grid)
     except GridError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print(f"crowdplay-minari bench: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     return 0 if all(row["status"] == "done" for row in rows) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m crowdplay_minari.benchmarks.offline_atari",
         description="Offline RL grid on CrowdPlay data (d3rlpy 2.8): "
         "algorithms x dataset selections x seeds, resumable.",

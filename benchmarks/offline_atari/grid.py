@@ -158,6 +158,7 @@ class GridConfig:
     ray_address: str | None = None  # None: a local Ray with `workers` CPUs
     gpus_per_cell: float = 0.0  # Ray only: GPUs a cell reserves (0.25: four cells share one)
     out: str = "runs/offline_atari"
+    root: str | None = None  # Minari datasets folder; None: $MINARI_DATASETS_PATH or Minari's
 
     def __post_init__(self) -> None:
         datasets = tuple(
@@ -213,6 +214,7 @@ class GridConfig:
                 eval_noop_max=self.eval_noop_max,
                 epoch_eval_episodes=self.epoch_eval_episodes,
                 device=self.device,
+                root=None if self.root is None else str(Path(self.root).resolve()),
             )
             for algorithm in self.algorithms
             for dataset in self.datasets
@@ -243,6 +245,7 @@ class Cell:
     eval_noop_max: int
     epoch_eval_episodes: int
     device: str
+    root: str | None = None  # where the datasets are read from (not part of the result)
 
     @property
     def spec(self) -> DatasetSpec:
@@ -254,9 +257,11 @@ class Cell:
         return f"{self.algorithm}__{dataset}__{filters}__seed{self.seed}"
 
     def identity(self) -> dict[str, Any]:
-        """The fields a finished cell must share with a rerun's (the device may change)."""
+        """The fields a finished cell must share with a rerun's (the device and the datasets
+        folder may change)."""
         fields = dataclasses.asdict(self)
         fields.pop("device")
+        fields.pop("root")
         return fields
 
 
@@ -309,7 +314,7 @@ def coerce_grid_fields(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
             fields[key] = tuple(_as_int(s, f"{source}: seeds") for s in items if str(s).strip())
         elif key in ("test_size", "gpus_per_cell"):
             fields[key] = float(value)
-        elif key in ("device", "backend", "ray_address", "out"):
+        elif key in ("device", "backend", "ray_address", "out", "root"):
             fields[key] = str(value)
         else:
             fields[key] = _as_int(value, f"{source}: {key}")

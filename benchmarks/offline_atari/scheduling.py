@@ -157,6 +157,7 @@ def _check_identity(cells: Sequence[Cell], cells_root: Path) -> None:
             continue
         stored = json.loads(path.read_text()).get("cell", {})
         stored.pop("device", None)
+        stored.pop("root", None)
         changed = {k: (stored.get(k), v) for k, v in cell.identity().items() if stored.get(k) != v}
         if changed:
             diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crowdplay_minari.cli import positive_int
+
 
 def run_demo(
     workdir: Path,
@@ -30,17 +32,15 @@ def run_demo(
     import torch
 
     from crowdplay_minari.conversion.convert import ConversionConfig, convert
-
-    from .d3rlpy_bridge import split_episodes, to_replay_buffer
-    from .envs import CrowdPlayAtariEnv
-    from .loading import load_dataset
-    from .processing import ProcessingConfig
-    from .sample import generate_sample
+    from crowdplay_minari.d3rlpy_bridge import split_episodes, to_replay_buffer
+    from crowdplay_minari.envs import CrowdPlayAtariEnv
+    from crowdplay_minari.loading import load_dataset
+    from crowdplay_minari.processing import ProcessingConfig
+    from crowdplay_minari.sample import generate_sample
 
     torch.set_num_threads(1)
     workdir = Path(workdir)
     raw_dir, minari_root = workdir / "raw" / "crowdplay_atari-v0", workdir / "minari"
-    os.environ["MINARI_DATASETS_PATH"] = str(minari_root)
     os.environ.setdefault("CROWDPLAY_MINARI_CACHE", str(workdir / "cache"))
     summary: dict = {}
 
@@ -61,7 +61,7 @@ def run_demo(
     summary["datasets"] = sorted(report.datasets)
 
     log("[3/5] loading and filtering: Space Invaders (any task), player_0, score >= 50")
-    data = load_dataset("crowdplay/space_invaders")
+    data = load_dataset("crowdplay/space_invaders", root=minari_root)
     selection = data.filter(agent="game_0>player_0", min_score=50)
     for episode in selection:
         log(f"      {episode}")
@@ -119,12 +119,19 @@ def run_demo(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", type=Path, default=Path("demo_run"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--episodes", type=int, default=8)
-    parser.add_argument("--frames", type=int, default=1500)
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--eval-max-frames", type=int, default=4000)
+    """The demo's options (`crowdplay-minari demo`)."""
+    a = parser.add_argument
+    a("--workdir", type=Path, default=Path("demo_run"), help="output folder (default demo_run)")
+    a("--seed", type=int, default=0, help="seed of the sample, the split and training (0)")
+    a("--episodes", type=positive_int, default=8, help="sample episodes to play (8)")
+    a("--frames", type=positive_int, default=1500, help="frame cap per sample episode (1500)")
+    a("--train-steps", type=positive_int, default=300, help="DiscreteBC gradient steps (300)")
+    a(
+        "--eval-max-frames",
+        type=positive_int,
+        default=4000,
+        help="raw frames of the evaluation episode at most (4000)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
