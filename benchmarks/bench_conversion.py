@@ -8,7 +8,7 @@ users' load disturbs far less, are shown next to them):
 - `bare`: plain bz2 + `pickle.load` of every trajectory file, sequentially: **the baseline**, the
   least any conversion must do;
 - `convert_1_worker` / `convert_2_workers`: `conversion.convert` into a fresh datasets root, the
-  whole call including publish. Its staging phase (`_run_local`: read, parse, write one HDF5 file
+  whole call including publish. Its staging phase (`_stage_all`: read, parse, write one HDF5 file
   per agent) is timed inside the same call.
 - `bare_2_workers`: the baseline's work split over two processes, which shows what two cores of
   the machine give at all (on shared virtual machines two busy vCPUs slow each other down).
@@ -83,24 +83,24 @@ CURRENT_LAYOUT = "zstd FRAME_ZSTD (w23 h18 c18 lazy2), chunks (256,210,160,3)"
 
 @contextlib.contextmanager
 def staging_timer(walls: list[float], busy: list[float]) -> Iterator[None]:
-    """Time `convert`'s staging phase (`_run_local`): append its wall seconds to `walls` and the
+    """Time `convert`'s staging phase (`_stage_all`): append its wall seconds to `walls` and the
     summed seconds the workers spent on episodes to `busy`."""
-    original = convert_module._run_local
+    original = convert_module._stage_all
 
-    def timed(jobs: list[EpisodeJob], workers: int) -> Iterator:
+    def timed(jobs: list[EpisodeJob], config: ConversionConfig) -> Iterator:
         started = time.perf_counter()
         episode_seconds = 0.0
-        for result in original(jobs, workers):
+        for result in original(jobs, config):
             episode_seconds += result.seconds
             yield result
         walls.append(time.perf_counter() - started)
         busy.append(episode_seconds)
 
-    convert_module._run_local = timed
+    convert_module._stage_all = timed
     try:
         yield
     finally:
-        convert_module._run_local = original
+        convert_module._stage_all = original
 
 
 def conversion_case(raw_dir: Path, roots: Path, workers: int, staging: dict) -> Callable:

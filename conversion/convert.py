@@ -35,6 +35,7 @@ from pathlib import Path
 import h5py
 
 from crowdplay_minari.episode import EpisodeMetadata
+from crowdplay_minari.executors import ExecutorConfig, TaskLost, run_tasks
 from crowdplay_minari.games import TWO_PLAYER_GAMES
 from crowdplay_minari.raw import (
     CrowdPlayDataError,
@@ -131,44 +132,22 @@ def stage_episode(job: EpisodeJob) -> EpisodeResult:
 # -- executors ---------------------------------------------------------------------------------
 
 
-def _run_local(jobs: list[EpisodeJob], workers: int) -> Iterator[EpisodeResult]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    # Even one worker is a child process, so 1 and 2 workers do the same work per episode.
-    context = multiprocessing.get_context()
-    with ProcessPoolExecutor(max(1, workers), mp_context=context) as pool:
-        futures = [pool.submit(stage_episode, job) for job in jobs]
-        for future in as_completed(futures):
-            yield future.result()
-
-
-def _run_ray(jobs: list[EpisodeJob], workers: int, address: str | None) -> Iterator[EpisodeResult]:
-    try:
-        import ray
-    except ImportError as exc:
-        raise RuntimeError(
-            "the ray executor needs Ray: pip install 'crowdplay-minari[ray]'"
-        ) from exc
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address:
-            ray.init(address=address, log_to_driver=False)
+def _stage_all(jobs: list[EpisodeJob], config: ConversionConfig) -> Iterator[EpisodeResult]:
+    """Stage every job on the configured executor, yielding results as they finish. A worker
+    lost mid-episode (killed, out of memory) skips that episode by name; a rerun retries it."""
+    executor = ExecutorConfig(
+        kind=config.executor,
+        workers=config.workers,
+        ray_address=config.ray_address,
+        max_retries=2,
+        prefetch=config.workers,  # bounded in flight: memory stays ~one episode per worker
+    )
+    for job, outcome in run_tasks(stage_episode, jobs, executor):
+        if isinstance(outcome, TaskLost):
+            episode_id = job.metadata.episode_id
+            yield EpisodeResult(episode_id, error=outcome.reason, error_file=episode_id)
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_cpus=1, max_retries=2)(stage_episode)
-    try:
-        pending = []
-        queue = list(jobs)
-        limit = max(1, workers) * 2  # bounded in flight: memory stays ~one episode per worker
-        while queue or pending:
-            while queue and len(pending) < limit:
-                pending.append(remote.remote(queue.pop(0)))
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
-    finally:
-        if started_here:
-            ray.shutdown()
+            yield outcome
 
 
 # -- publishing --------------------------------------------------------------------------------
@@ -413,11 +392,7 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
             publishing[dataset] = publisher.submit(publish_dataset, root, staging, keys[dataset])
 
     try:
-        results = (
-            _run_ray(jobs, config.workers, config.ray_address)
-            if config.executor == "ray"
-            else _run_local(jobs, config.workers)
-        )
+        results = _stage_all(jobs, config)
         bar = tqdm(total=len(jobs), unit="episode", desc="converting", disable=not config.progress)
         for result in results:
             bar.update(1)

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from crowdplay_minari.executors import ExecutorConfig, TaskLost, run_tasks
+
 from .cell import (
     cell_config,
     is_done,
@@ -36,8 +38,9 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one core per cell: `workers` cells share the machine
 
 
-def _cell_in_worker(cell: Cell, cells_root: str) -> dict[str, Any]:
+def _cell_in_worker(task: tuple[Cell, str]) -> dict[str, Any]:
     _init_worker()  # again: Ray workers have no initializer
+    cell, cells_root = task
     return run_cell(cell, cells_root)
 
 
@@ -51,89 +54,42 @@ def _record_lost(cell: Cell, cells_root: Path, why: str) -> dict[str, Any]:
     return row
 
 
-def _run_process_pool(
-    cells: Sequence[Cell], cells_root: Path, workers: int, report: Callable[[dict], None]
+def _run_cells(
+    cells: Sequence[Cell], cells_root: Path, grid: GridConfig, report: Callable[[dict], None]
 ) -> None:
     """Cells in a pool of `workers` spawned processes (each imports torch and d3rlpy once, about
-    10 s here, then runs cell after cell). A worker that dies (killed, out of memory) breaks the
-    pool: the cells that had started are recorded as failed, the others go to a new pool."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
-
-    context = multiprocessing.get_context("spawn")
+    10 s here, then runs cell after cell) or as Ray tasks. A lost worker (killed, out of memory)
+    fails the cell it had started; cells it had not started go to a new pool. On a Ray cluster,
+    OUT and the datasets folder must be on a shared file system (paths are passed as they are)."""
+    config = ExecutorConfig(
+        kind="ray" if grid.backend == "ray" else "local",
+        workers=grid.workers,
+        ray_address=grid.ray_address,
+        start_method="spawn",
+        initializer=_init_worker,
+        gpus_per_task=grid.gpus_per_cell,
+        env_vars={
+            key: os.environ[key]
+            for key in ("MINARI_DATASETS_PATH", "CROWDPLAY_MINARI_CACHE")
+            if key in os.environ
+        },
+    )
     queue = list(cells)
     while queue:
         runs_before = {c.name: read_status(cells_root / c.name).get("runs", 0) for c in queue}
-        with ProcessPoolExecutor(
-            min(workers, len(queue)), mp_context=context, initializer=_init_worker
-        ) as pool:
-            futures = {pool.submit(_cell_in_worker, c, str(cells_root)): c for c in queue}
-            queue = []
-            for future in as_completed(futures):
-                cell = futures[future]
-                try:
-                    report(future.result())
-                except BrokenProcessPool as exc:
-                    runs = read_status(cells_root / cell.name).get("runs", 0)
-                    if runs > runs_before[cell.name]:  # it had started: it may be the culprit
-                        why = f"worker process died (killed or out of memory?): {exc}"
-                        report(_record_lost(cell, cells_root, why))
-                    else:
-                        queue.append(cell)
-        if queue and len(queue) == len(futures):  # no cell even started: workers cannot start
+        tasks = [(cell, str(cells_root)) for cell in queue]
+        queue = []
+        for (cell, _), outcome in run_tasks(_cell_in_worker, tasks, config):
+            if not isinstance(outcome, TaskLost):
+                report(outcome)
+            elif read_status(cells_root / cell.name).get("runs", 0) > runs_before[cell.name]:
+                report(_record_lost(cell, cells_root, outcome.reason))  # it may be the culprit
+            else:
+                queue.append(cell)
+        if queue and len(queue) == len(tasks):  # no cell even started: workers cannot start
             for cell in queue:
                 report(_record_lost(cell, cells_root, "worker processes fail to start"))
             queue = []
-
-
-def _run_ray(
-    cells: Sequence[Cell], cells_root: Path, grid: GridConfig, report: Callable[[dict], None]
-) -> None:
-    """Cells as Ray tasks, at most `workers` at once. On a cluster, OUT and the Minari root
-    must be on a shared file system (paths are passed as they are here)."""
-    import ray
-
-    import crowdplay_minari
-
-    # The folder that holds the package, so Ray workers import the same code (checkout or wheel).
-    repo_root = str(Path(crowdplay_minari.__file__).resolve().parent.parent)
-    env_vars = {
-        key: os.environ[key]
-        for key in ("MINARI_DATASETS_PATH", "CROWDPLAY_MINARI_CACHE")
-        if key in os.environ
-    }
-    env_vars["PYTHONPATH"] = os.pathsep.join(
-        p for p in (repo_root, os.environ.get("PYTHONPATH")) if p
-    )
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(
-            address=grid.ray_address,
-            num_cpus=None if grid.ray_address else grid.workers,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": env_vars},
-        )
-    remote_cell = ray.remote(num_cpus=1, num_gpus=grid.gpus_per_cell, max_retries=0)(
-        _cell_in_worker
-    )
-    queue, running = list(cells), {}
-    try:
-        while queue or running:
-            while queue and len(running) < grid.workers:
-                cell = queue.pop(0)
-                running[remote_cell.remote(cell, str(cells_root))] = cell
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                cell = running.pop(ref)
-                try:
-                    report(ray.get(ref))
-                except ray.exceptions.RayError as exc:
-                    report(_record_lost(cell, cells_root, f"Ray task failed: {exc}"))
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -210,10 +166,8 @@ def run_grid(grid: GridConfig, *, log: Callable[[str], None] = print) -> list[di
                 f"({row.get('wall_seconds') or 0:.0f} s)"
             )
 
-        if todo and grid.backend == "ray":
-            _run_ray(todo, cells_root, grid, report)
-        elif todo:
-            _run_process_pool(todo, cells_root, grid.workers, report)
+        if todo:
+            _run_cells(todo, cells_root, grid, report)
         rows = [
             json.loads((cells_root / c.name / "result.json").read_text())
             if (cells_root / c.name / "result.json").exists()
