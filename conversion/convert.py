@@ -82,6 +82,10 @@ class EpisodeJob:
     namespace: str
     staging: Path
     agents: tuple[str, ...]  # agents still to stage
+    trajectory: bytes | None = None
+    """The trajectory file's bytes, shipped to a worker that cannot see the driver's files
+    (a Ray cluster without a shared file system); None: the worker reads `raw_root`."""
+    trajectory_name: str = ""
 
 
 @dataclass
@@ -92,10 +96,68 @@ class EpisodeResult:
     error: str | None = None
     error_file: str | None = None
     seconds: float = 0.0
+    files: dict[str, bytes] = field(default_factory=dict)
+    """Staged files returned through the executor (path relative to the staging folder ->
+    bytes) when the worker staged into a folder of its own; the driver writes them."""
+
+
+def ship_trajectory(job: EpisodeJob) -> EpisodeJob:
+    """`job` with its trajectory file's bytes, for a worker on another machine (read in the
+    driver, with the reader's checks on the file's path). A missing file ships empty bytes
+    and no name: the worker reports it as not found."""
+    files = trajectory_files(job.raw_root, job.metadata.episode_id)
+    if not files:
+        return dataclasses.replace(job, trajectory=b"", trajectory_name="")
+    return dataclasses.replace(job, trajectory=files[0].read_bytes(), trajectory_name=files[0].name)
 
 
 def stage_episode(job: EpisodeJob) -> EpisodeResult:
-    """Read one raw episode and write one staged HDF5 file per agent (runs in a worker)."""
+    """Read one raw episode and write one staged HDF5 file per agent (runs in a worker). A job
+    that carries its trajectory is staged in a private temporary folder and comes back as
+    bytes: such a worker touches none of the driver's paths."""
+    if job.trajectory is None:
+        return _stage_episode(job)
+    if not job.trajectory_name:
+        path = job.raw_root / f"{job.metadata.episode_id}.pickle.bz2"
+        return EpisodeResult(
+            job.metadata.episode_id, error="trajectory file not found", error_file=str(path)
+        )
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="crowdplay-stage-") as private:
+        raw_root, staging = Path(private) / "raw", Path(private) / "staging"
+        raw_root.mkdir()
+        (raw_root / job.trajectory_name).write_bytes(job.trajectory)
+        local = dataclasses.replace(
+            job, raw_root=raw_root, staging=staging, trajectory=None, trajectory_name=""
+        )
+        result = _stage_episode(local)
+        if result.error_file:  # name the file as the driver knows it
+            result.error_file = str(job.raw_root / job.trajectory_name)
+        if not result.error:
+            result.files = {
+                path.relative_to(staging).as_posix(): path.read_bytes()
+                for path in staging.rglob("*.h5")
+            }
+    return result
+
+
+def receive_staged_files(result: EpisodeResult, staging: Path) -> None:
+    """Write the staged files a remote worker returned, each atomically (temp + rename)."""
+    for relative, data in result.files.items():
+        target = (staging / relative).resolve()
+        if not target.is_relative_to(staging.resolve()) or target.suffix != ".h5":
+            raise ValueError(
+                f"a worker returned a staged file outside the staging area: {relative}"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        partial.write_bytes(data)
+        os.replace(partial, target)
+    result.files = {}
+
+
+def _stage_episode(job: EpisodeJob) -> EpisodeResult:
     started = time.perf_counter()
     meta = job.metadata
     result = EpisodeResult(meta.episode_id)
@@ -142,12 +204,19 @@ def _stage_all(jobs: list[EpisodeJob], config: ConversionConfig) -> Iterator[Epi
         max_retries=2,
         prefetch=config.workers,  # bounded in flight: memory stays ~one episode per worker
     )
-    for job, outcome in run_tasks(stage_episode, jobs, executor):
+    # On Ray, workers may be other machines: each gets its trajectory as bytes and returns its
+    # staged files through Ray, and only this process writes into the datasets folder.
+    remote = config.executor == "ray"
+    for job, outcome in run_tasks(
+        stage_episode, jobs, executor, prepare=ship_trajectory if remote else None
+    ):
         if isinstance(outcome, TaskLost):
             episode_id = job.metadata.episode_id
             yield EpisodeResult(episode_id, error=outcome.reason, error_file=episode_id)
-        else:
-            yield outcome
+            continue
+        if outcome.files:
+            receive_staged_files(outcome, job.staging)
+        yield outcome
 
 
 # -- publishing --------------------------------------------------------------------------------

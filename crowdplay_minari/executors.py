@@ -69,19 +69,33 @@ class ExecutorConfig:
 
 
 def run_tasks(
-    fn: Callable[[Item], Any], items: Iterable[Item], config: ExecutorConfig
+    fn: Callable[[Any], Any],
+    items: Iterable[Item],
+    config: ExecutorConfig,
+    *,
+    prepare: Callable[[Item], Any] | None = None,
 ) -> Iterator[tuple[Item, Any]]:
-    """`(item, fn(item) or TaskLost)` for every item, in the order they finish."""
+    """`(item, fn(task) or TaskLost)` for every item, in the order they finish. The task is the
+    item itself, or `prepare(item)` made just before it is submitted (so that, e.g., a file's
+    bytes are read only while a bounded number of tasks are in flight)."""
     items = list(items)
     if not items:
         return iter(())
+    prepare = prepare or _same
     if config.kind == "ray":
-        return _run_ray(fn, items, config)
-    return _run_local(fn, items, config)
+        return _run_ray(fn, items, config, prepare)
+    return _run_local(fn, items, config, prepare)
+
+
+def _same(item: Any) -> Any:
+    return item
 
 
 def _run_local(
-    fn: Callable[[Item], Any], items: list[Item], config: ExecutorConfig
+    fn: Callable[[Any], Any],
+    items: list[Item],
+    config: ExecutorConfig,
+    prepare: Callable[[Item], Any],
 ) -> Iterator[tuple[Item, Any]]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -92,7 +106,7 @@ def _run_local(
     with ProcessPoolExecutor(
         min(config.workers, len(items)), mp_context=context, initializer=config.initializer
     ) as pool:
-        futures = {pool.submit(fn, item): item for item in items}
+        futures = {pool.submit(fn, prepare(item)): item for item in items}
         for future in as_completed(futures):
             try:
                 outcome = future.result()
@@ -109,7 +123,10 @@ def package_search_path() -> str:
 
 
 def _run_ray(
-    fn: Callable[[Item], Any], items: list[Item], config: ExecutorConfig
+    fn: Callable[[Any], Any],
+    items: list[Item],
+    config: ExecutorConfig,
+    prepare: Callable[[Item], Any],
 ) -> Iterator[tuple[Item, Any]]:
     try:
         import ray
@@ -142,7 +159,7 @@ def _run_ray(
         while queue or running:
             while queue and len(running) < limit:
                 item = queue.pop(0)
-                running[remote.remote(item)] = item
+                running[remote.remote(prepare(item))] = item
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
                 item = running.pop(ref)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crowdplay_minari import cli
+from crowdplay_minari.benchmarks import cli
 from crowdplay_minari.episode import AI, HUMAN
 from crowdplay_minari.raw import RawDataset
 from crowdplay_minari.raw.schema import TABLES

@@ -260,7 +260,7 @@ def is_done(cell_dir: Path) -> bool:
 def _output_to(path: Path) -> contextlib.AbstractContextManager[None]:
     """Send this process's stdout and stderr (file descriptors, so d3rlpy's and ALE's output
     too) to `path` while a cell runs."""
-    from ._common import native_output_to
+    from .._common import native_output_to
 
     return native_output_to(path, "a")
 

@@ -1,0 +1,81 @@
+"""Conversion on a real two-node Ray cluster that shares no paths with the driver.
+
+The cluster is two `ray start` nodes on this machine, each started from its own folder with one
+CPU, so two tasks at once must run on both. The driver gives the raw folder and the datasets
+root as paths *relative to its own working directory*: a worker that opened either by path would
+look in its node's folder and fail. Workers get each trajectory as bytes and return the staged
+files through Ray; only the driver writes datasets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crowdplay_minari.conversion.convert import ConversionConfig, convert
+from crowdplay_minari.conversion.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_cluster_conversion_uses_no_driver_paths_on_workers(
+    raw_sample_bz2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("ray")
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    nodes = {name: tmp_path / name for name in ("head", "node2", "driver")}
+    for folder in nodes.values():
+        folder.mkdir()
+
+    def ray(*args: str, cwd: Path) -> None:
+        proc = subprocess.run(
+            [ray_cli, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    try:
+        ray("start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+            "--include-dashboard=false", "--disable-usage-stats", cwd=nodes["head"])  # fmt: skip
+        ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--num-gpus=0",
+            "--disable-usage-stats", cwd=nodes["node2"])  # fmt: skip
+        shutil.copytree(raw_sample_bz2, nodes["driver"] / "raw")
+        monkeypatch.chdir(nodes["driver"])
+        config = ConversionConfig(
+            Path("raw"),
+            root=Path("minari"),
+            workers=2,
+            executor="ray",
+            ray_address=f"127.0.0.1:{port}",
+            progress=False,
+        )
+        report = convert(config, log=lambda _: None)
+
+        import ray as ray_module
+
+        assert not ray_module.is_initialized()  # the converter disconnected again
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+    assert report.ok, report.skipped
+    assert report.episodes_converted == report.episodes_total > 0
+    # Nothing was written anywhere but the driver's datasets root.
+    for node in ("head", "node2"):
+        assert not any(p.suffix in (".h5", ".hdf5") for p in nodes[node].rglob("*"))
+    assert not (nodes["driver"] / "raw" / ".crowdplay-staging").exists()
+    result = verify(Path("raw"), sorted(report.datasets), root=Path("minari"), log=lambda _: None)
+    assert result.ok and result.episodes_checked > 0, result.problems
