@@ -42,10 +42,11 @@ import numpy as np
 
 import crowdplay_minari.conversion.convert as convert_module
 from crowdplay_minari.conversion.convert import ConversionConfig, EpisodeJob, convert, stage_episode
-from crowdplay_minari.conversion.episode_writer import LIBVER, write_observations
+from crowdplay_minari.conversion.episode_writer import write_observations
 from crowdplay_minari.conversion.layout import DEFAULT_NAMESPACE
 from crowdplay_minari.episode import FRAME_SHAPE
 from crowdplay_minari.raw import RawDataset
+from crowdplay_minari.storage import DATA_DIR, LIBVER, MAIN_DATA_FILE, METADATA_FILE
 
 from ._common import (
     interleaved,
@@ -149,10 +150,10 @@ def bare_case(paths: list[Path], frames_of: dict[str, int], workers: int = 1) ->
 def converted_sizes(root: Path, raw_frames: int, bz2_bytes: int) -> dict:
     """Bytes of the published datasets under `root`, per agent frame and per raw frame."""
     data_bytes = metadata_bytes = agent_frames = datasets = 0
-    for main in sorted(root.rglob("data/main_data.hdf5")):
+    for main in sorted(root.rglob(f"{DATA_DIR}/{MAIN_DATA_FILE}")):
         datasets += 1
         data_bytes += main.stat().st_size
-        metadata = main.parent / "metadata.json"
+        metadata = main.parent / METADATA_FILE
         metadata_bytes += metadata.stat().st_size
         agent_frames += json.loads(metadata.read_text())["total_steps"]
     return {

@@ -14,7 +14,7 @@ from crowdplay_minari.cli import (
     positive_int,
     raw_directory,
 )
-from crowdplay_minari.roots import local_dataset_ids
+from crowdplay_minari.storage import local_dataset_ids
 
 from .layout import DEFAULT_NAMESPACE
 

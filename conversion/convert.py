@@ -45,8 +45,9 @@ from crowdplay_minari.raw import (
     parse_steps,
     trajectory_files,
 )
+from crowdplay_minari.storage import DATA_DIR, LIBVER, METADATA_FILE, main_data_path
 
-from .episode_writer import LIBVER, FrameChunkCompressor, write_staged_episode
+from .episode_writer import FrameChunkCompressor, write_staged_episode
 from .layout import (
     DEFAULT_NAMESPACE,
     DatasetKey,
@@ -224,7 +225,7 @@ def _stage_all(jobs: list[EpisodeJob], config: ConversionConfig) -> Iterator[Epi
 
 def published_episode_ids(dataset_dir: Path) -> list[str]:
     """CrowdPlay episode ids in a published dataset, in episode order."""
-    main = dataset_dir / "data" / "main_data.hdf5"
+    main = main_data_path(dataset_dir / DATA_DIR)
     if not main.exists():
         return []
     with h5py.File(main, "r") as file:
@@ -249,7 +250,7 @@ def _new_storage_metadata(game: str) -> str:
     from minari.dataset.minari_storage import METADATA_FILE_NAME, MinariStorage
 
     with tempfile.TemporaryDirectory() as tmp:
-        data_path = Path(tmp) / "data"
+        data_path = Path(tmp) / DATA_DIR
         MinariStorage.new(
             data_path,
             observation_space=observation_space(),
@@ -270,16 +271,16 @@ def publish_dataset(root: Path, staging: Path, key: DatasetKey) -> dict:
     staged_dir = staging / "episodes" / _slug(key.dataset_id)
     staged_files = sorted(staged_dir.glob("*.h5")) if staged_dir.exists() else []
     build = staging / "publish" / uuid.uuid4().hex / "dataset"
-    data_path = build / "data"
+    data_path = build / DATA_DIR
     data_path.mkdir(parents=True)
     (data_path / METADATA_FILE_NAME).write_text(_new_storage_metadata(key.game))
-    main = data_path / "main_data.hdf5"
+    main = main_data_path(data_path)
     # What `MinariStorage.new` does after writing metadata.json (minari is pinned).
     storage = get_minari_storage("hdf5")._create(
         data_path, observation_space(), action_space(key.game), jpeg_encoding=False
     )
     sources: list[tuple[tuple[str, str], Path, str]] = []
-    old_main = final_dir / "data" / "main_data.hdf5"
+    old_main = main_data_path(final_dir / DATA_DIR)
     staged_ids = {p.stem for p in staged_files}
     if old_main.exists():
         with h5py.File(old_main, "r") as old:
@@ -489,8 +490,8 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
         for dataset in sorted(keys):
             if dataset in publishing:
                 report.datasets[dataset] = publishing[dataset].result()
-            elif (root / dataset / "data" / "metadata.json").exists():
-                with open(root / dataset / "data" / "metadata.json") as f:
+            elif (root / dataset / DATA_DIR / METADATA_FILE).exists():
+                with open(root / dataset / DATA_DIR / METADATA_FILE) as f:
                     meta = json.load(f)
                 report.datasets[dataset] = {
                     "episodes": meta["total_episodes"],

@@ -26,24 +26,18 @@ import hdf5plugin
 import numpy as np
 import zstandard
 
-from crowdplay_minari.attributes import VALUE_TYPES_ATTRIBUTE, encode_nested, encode_value
+from crowdplay_minari.attributes import encode_nested, encode_value
 from crowdplay_minari.episode import AgentTrajectory, Episode, StepFrames
 from crowdplay_minari.scratch import scratch_buffer
+from crowdplay_minari.storage import (
+    FRAME_CHUNK,
+    FRAME_ZSTD,
+    LIBVER,
+    SMALL_ZSTD_LEVEL,
+    VALUE_TYPES_ATTRIBUTE,
+)
 
 from .layout import FINAL_OBSERVATION
-
-FRAME_CHUNK = 256
-FRAME_ZSTD = zstandard.ZstdCompressionParameters(
-    window_log=23,
-    hash_log=18,
-    chain_log=18,
-    search_log=6,
-    min_match=5,
-    strategy=zstandard.STRATEGY_LAZY2,
-    write_content_size=True,  # hdf5plugin's decoder sizes its output from it
-)
-SMALL_ZSTD_LEVEL = 9  # per-step scalars and RAM: 19 costs 20% of the writing for 3% of bytes
-LIBVER = "latest"  # compact chunk indexes: ~3 KB less per dataset than HDF5's v1 B-trees
 
 
 class FrameChunkCompressor:

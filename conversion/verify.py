@@ -15,7 +15,7 @@ import numpy as np
 
 from crowdplay_minari.attributes import decode_attributes, nested_from_flat
 from crowdplay_minari.raw import CrowdPlayDataError, RawDataset
-from crowdplay_minari.roots import dataset_dir
+from crowdplay_minari.storage import dataset_dir, main_data_path
 
 
 @dataclass
@@ -32,7 +32,7 @@ class VerificationReport:
 def _flat_attributes(storage, index: int) -> dict:
     import h5py
 
-    with h5py.File(storage.data_path / "main_data.hdf5", "r") as file:
+    with h5py.File(main_data_path(Path(storage.data_path)), "r") as file:
         return dict(file[f"episode_{index}"].attrs)
 
 

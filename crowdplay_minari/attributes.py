@@ -28,8 +28,7 @@ from typing import Any
 
 import numpy as np
 
-VALUE_TYPES_ATTRIBUTE = "crowdplay_value_types"
-SLASH_SUBSTITUTE = "\u2215"
+from .storage import SLASH_SUBSTITUTE, VALUE_TYPES_ATTRIBUTE
 
 
 def encode_value(value: Any) -> tuple[Any, str]:

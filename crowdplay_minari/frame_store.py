@@ -23,9 +23,7 @@ import numpy as np
 import zstandard
 
 from .episode import FRAME_SHAPE
-
-ZSTD_FILTER_ID = 32015
-"""HDF5's registered id of the zstd filter (the one hdf5plugin provides)."""
+from .storage import FRAME_CHUNK, ZSTD_FILTER_ID
 
 _FILTER_SKIPPED = 1
 """Bit 0 of a chunk's filter mask: the zstd filter (the only one) was not applied."""
@@ -56,7 +54,7 @@ class StoredFrames:
             )
         chunks = dataset.chunks
         whole_frames = chunks is not None and tuple(chunks[1:]) == FRAME_SHAPE
-        self.chunk_frames = chunks[0] if whole_frames else 256
+        self.chunk_frames = chunks[0] if whole_frames else FRAME_CHUNK
         self._direct = whole_frames and _only_zstd(dataset)
 
     def __len__(self) -> int:

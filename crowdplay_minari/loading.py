@@ -48,7 +48,7 @@ from .processing import (
     compact_trajectory,
     read_all_frames,
 )
-from .roots import dataset_dir, datasets_root, local_dataset_ids
+from .storage import METADATA_FILE, dataset_dir, datasets_root, local_dataset_ids, main_data_path
 
 CACHE_ENV = "CROWDPLAY_MINARI_CACHE"
 _CACHE_FORMAT = 4  # bump when processing or the file layout changes (4: FrameStacks records)
@@ -537,8 +537,8 @@ def load_dataset(
     episodes: list[EpisodeView] = []
     for dataset_id in _resolve_ids(dataset_ids, root):
         data_dir = dataset_dir(dataset_id, root)
-        main = data_dir / "main_data.hdf5"
-        if not (data_dir / "metadata.json").exists() or not main.exists():
+        main = main_data_path(data_dir)
+        if not (data_dir / METADATA_FILE).exists() or not main.exists():
             raise FileNotFoundError(
                 f"dataset {dataset_id} not found under {data_dir.parent.parent}; "
                 "convert it with `crowdplay-minari convert` or pass the right root="

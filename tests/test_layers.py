@@ -91,6 +91,26 @@ def test_no_import_climbs_to_a_higher_floor() -> None:
     assert not climbing, "imports that climb up a floor:\n" + "\n".join(climbing)
 
 
+def test_every_import_of_our_own_modules_names_one_that_exists() -> None:
+    """Lazy imports inside functions run only on their path: a wrong one (a relative import
+    counted one level short) would fail a user, not the import-time checks."""
+    missing = []
+    for module, path in ALL_MODULES.items():
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif isinstance(node, ast.ImportFrom):
+                target = node.module or ""
+            else:
+                continue
+            if _floor(target) is not None and target not in ALL_MODULES:
+                missing.append(f"{path.relative_to(REPO)}:{node.lineno} imports {target}")
+    assert not missing, "imports of modules that do not exist:\n" + "\n".join(missing)
+
+
 _PROBE = """
 import importlib, json, sys
 importlib.import_module(sys.argv[1])
