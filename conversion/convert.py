@@ -45,7 +45,13 @@ from crowdplay_minari.raw import (
     parse_steps,
     trajectory_files,
 )
-from crowdplay_minari.storage import DATA_DIR, LIBVER, METADATA_FILE, main_data_path
+from crowdplay_minari.storage import (
+    DATA_DIR,
+    LIBVER,
+    METADATA_FILE,
+    NAMESPACE_METADATA_FILE,
+    main_data_path,
+)
 
 from .episode_writer import FrameChunkCompressor, write_staged_episode
 from .layout import (
@@ -329,25 +335,24 @@ def publish_dataset(root: Path, staging: Path, key: DatasetKey) -> dict:
 
 
 def _ensure_namespaces(root: Path, namespace: str, games: Iterable[str]) -> None:
-    from minari.namespace import create_namespace, list_local_namespaces
+    """Write Minari's namespace files (`<root>/<ns>/namespace_metadata.json`) for the namespace
+    and one per game where they are missing, the way `minari.create_namespace` lays them out, but
+    under `root` and without touching `$MINARI_DATASETS_PATH`."""
+    from minari.namespace import validate_namespace
 
-    previous = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(root)
-    try:
-        existing = set(list_local_namespaces())
-        wanted = [namespace] + [f"{namespace}/{g}" for g in sorted(set(games))]
-        for ns in wanted:
-            if ns not in existing and not (root / ns / "namespace_metadata.json").exists():
-                create_namespace(
-                    ns,
-                    description="CrowdPlay human Atari demonstrations, converted by "
-                    "crowdplay-minari (one dataset per game, task and agent).",
-                )
-    finally:
-        if previous is None:
-            os.environ.pop("MINARI_DATASETS_PATH", None)
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = previous
+    description = (
+        "CrowdPlay human Atari demonstrations, converted by crowdplay-minari (one dataset per "
+        "game, task and agent)."
+    )
+    for ns in [namespace] + [f"{namespace}/{g}" for g in sorted(set(games))]:
+        validate_namespace(ns)
+        path = root / ns / NAMESPACE_METADATA_FILE
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+        partial.write_text(json.dumps({"description": description}))
+        os.replace(partial, path)
 
 
 # -- the whole conversion ----------------------------------------------------------------------

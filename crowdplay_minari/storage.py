@@ -20,6 +20,8 @@ import zstandard
 DATA_DIR = "data"
 """Each dataset's folder of files, `<root>/<dataset id>/data/` (Minari's layout)."""
 METADATA_FILE = "metadata.json"
+NAMESPACE_METADATA_FILE = "namespace_metadata.json"
+"""Minari's file describing a namespace folder (`<root>/<namespace>/`)."""
 MAIN_DATA_FILE = "main_data.hdf5"
 """Minari's HDF5 file: one group `episode_<i>` per episode."""
 

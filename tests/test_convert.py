@@ -156,6 +156,16 @@ def test_minari_cli_lists_and_shows_datasets(converted):
     assert "CrowdPlay" in show.stdout
 
 
+def test_namespaces_are_minaris_own(converted, monkeypatch):
+    from minari.namespace import get_namespace_metadata, list_local_namespaces
+
+    root, _ = converted
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    namespaces = set(list_local_namespaces())
+    assert {"crowdplay", "crowdplay/space_invaders", "crowdplay/space_invaders_2p"} <= namespaces
+    assert "CrowdPlay" in get_namespace_metadata("crowdplay/riverraid")["description"]
+
+
 def test_recover_environments(converted):
     import minari
 
