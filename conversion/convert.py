@@ -405,7 +405,10 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
     report = ConversionReport(
         str(config.raw_dir), str(root), dt.datetime.now().isoformat(timespec="seconds")
     )
-    report.episodes_total = len(ids)
+    report.episodes_total = len(ids) + len(raw.rejected)
+    for name, problem in sorted(raw.rejected.items()):  # bad metadata rows: named, skipped
+        report.skipped.append({"episode_id": name, "file": str(raw.db_path), "error": problem})
+        log(f"SKIPPED {raw.db_path} (episode {name}): {problem}")
 
     # Which agents of which episodes still need staging?
     keys: dict[str, DatasetKey] = {}
@@ -422,6 +425,7 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
         todo = []
         for agent_id in agents:
             key = DatasetKey(config.namespace, meta.game, meta.task, agent_id)
+            _check_inside(root, key.dataset_id)
             keys[key.dataset_id] = key
             if key.dataset_id not in published:
                 published[key.dataset_id] = set(published_episode_ids(root / key.dataset_id))
@@ -429,6 +433,14 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
             if episode_id not in published[key.dataset_id] and not staged.exists():
                 todo.append(agent_id)
         if todo:
+            try:  # refused here, before any worker: a trajectory symlinked out of the raw dir
+                trajectory_files(Path(config.raw_dir), episode_id)
+            except CrowdPlayDataError as exc:
+                report.skipped.append(
+                    {"episode_id": episode_id, "file": str(exc.path), "error": exc.problem}
+                )
+                log(f"SKIPPED {exc}")
+                continue
             jobs.append(
                 EpisodeJob(Path(config.raw_dir), meta, config.namespace, staging, tuple(todo))
             )
@@ -512,6 +524,12 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
     tmp.write_text(json.dumps(dataclasses.asdict(report), indent=2))
     os.replace(tmp, report_path)
     return report
+
+
+def _check_inside(root: Path, dataset_id: str) -> None:
+    """Belt and braces behind the reader's name checks: a dataset's folder is inside `root`."""
+    if not (root / dataset_id).resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"dataset id {dataset_id!r} would lie outside the datasets root {root}")
 
 
 def _trajectory_size(raw_root: Path, episode_id: str) -> int:

@@ -3,8 +3,10 @@
 from .errors import (
     CorruptTrajectoryError,
     CrowdPlayDataError,
+    InvalidMetadataError,
     SchemaError,
     TrajectoryNotFoundError,
+    UnsafePathError,
     UnsafePickleError,
 )
 from .reader import RawDataset, load_steps, parse_steps, trajectory_files
@@ -12,6 +14,8 @@ from .reader import RawDataset, load_steps, parse_steps, trajectory_files
 __all__ = [
     "CorruptTrajectoryError",
     "CrowdPlayDataError",
+    "InvalidMetadataError",
+    "UnsafePathError",
     "RawDataset",
     "SchemaError",
     "TrajectoryNotFoundError",

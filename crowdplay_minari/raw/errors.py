@@ -46,3 +46,12 @@ class UnsafePickleError(CrowdPlayDataError):
 
 class SchemaError(CrowdPlayDataError):
     """A file decodes, but its content lacks the CrowdPlay layout (missing key, bad type)."""
+
+
+class InvalidMetadataError(CrowdPlayDataError):
+    """A metadata row names a game, task, agent or episode that is not a safe, known name (these
+    names become dataset ids and file names, so they are checked like data, not trusted)."""
+
+
+class UnsafePathError(CrowdPlayDataError):
+    """A trajectory path leaves the raw directory (a symlink pointing outside it)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bz2
 import datetime as dt
 import gzip
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,17 +36,45 @@ from ..episode import (
     User,
 )
 from . import safe_pickle, schema
-from .errors import CorruptTrajectoryError, SchemaError, TrajectoryNotFoundError
+from .errors import (
+    CorruptTrajectoryError,
+    CrowdPlayDataError,
+    InvalidMetadataError,
+    SchemaError,
+    TrajectoryNotFoundError,
+    UnsafePathError,
+)
 
 DB_FILENAME = "dataset.sqlite"
 # Fastest first: reading raw pickles beats gunzip, which beats bunzip2 by ~10x (see benchmarks/).
 TRAJECTORY_SUFFIXES = (".pickle", ".pickle.gz", ".pickle.bz2")
 STEP_KEYS = ("prev_obs", "action", "reward", "done", "info", "step_iter", "user_type")
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+"""Episode ids and tasks become file names and dataset ids: letters, digits, `_.-`, no
+leading dot (so never `..`, `/`, an absolute path or a hidden file)."""
+SAFE_AGENT_ID = re.compile(r"(all|game_[0-9]{1,3}>player_[0-9]{1,3})")
+
+
+def check_name(value: Any, what: str, where: Path, pattern: re.Pattern = SAFE_NAME) -> str:
+    """`value` if it is a string matching `pattern`, else `InvalidMetadataError` naming it."""
+    if not isinstance(value, str) or not pattern.fullmatch(value) or ".." in value:
+        raise InvalidMetadataError(where, f"{what} {value!r} is not a safe name", field=what)
+    return value
+
 
 def trajectory_files(root: Path, episode_id: str) -> list[Path]:
-    """Every encoding of `episode_id`'s trajectory present under `root`, fastest first."""
-    return [p for s in TRAJECTORY_SUFFIXES if (p := root / f"{episode_id}{s}").is_file()]
+    """Every encoding of `episode_id`'s trajectory present under `root`, fastest first. A file
+    that resolves outside `root` (a symlink out of it) is refused with `UnsafePathError`."""
+    check_name(episode_id, "episode_id", root)
+    found = [p for s in TRAJECTORY_SUFFIXES if (p := root / f"{episode_id}{s}").is_file()]
+    base = root.resolve()
+    for path in found:
+        if not path.resolve().is_relative_to(base):
+            raise UnsafePathError(
+                path, f"resolves to {path.resolve()}, outside the raw directory {base}"
+            )
+    return found
 
 
 def _open_trajectory(path: Path) -> IO[bytes]:
@@ -88,6 +117,9 @@ class RawDataset:
         self._engine = create_engine(f"sqlite:///{self.db_path}")
         self._check_schema()
         self._metadata: dict[str, EpisodeMetadata] | None = None
+        self.rejected: dict[str, str] = {}
+        """Episodes whose metadata rows are invalid (episode id or row -> reason), filled by
+        `metadata()`: they are left out of it, so one bad row does not stop the rest."""
 
     def _check_schema(self) -> None:
         try:
@@ -164,35 +196,75 @@ class RawDataset:
             users_of[row["environment_id"]][row["agent_id"]] = User(**dict(row))
 
         result = {}
-        for episode_id, environment_id in episode_rows:
-            if environment_id not in task_of:
-                raise SchemaError(
-                    self.db_path,
-                    f"episode {episode_id} names environment {environment_id}, "
-                    "which has no row in 'environments'",
+        for number, (episode_id, environment_id) in enumerate(episode_rows):
+            try:
+                result[episode_id] = self._episode_metadata(
+                    episode_id, environment_id, task_of, environment_kw, episode_kw, users_of
                 )
-            env_kw = environment_kw.get(environment_id, {})
-            env_all = env_kw.get("all", {})
-            missing = [k for k in ("game", "task", "source") if k not in env_all]
-            if missing:
-                raise SchemaError(
-                    self.db_path,
-                    f"environment {environment_id} lacks environment keyword(s) "
-                    f"{', '.join(missing)} under agent 'all'",
-                )
-            result[episode_id] = EpisodeMetadata(
-                episode_id=episode_id,
-                environment_id=environment_id,
-                task_id=task_of[environment_id],
-                game=str(env_all["game"]),
-                task=str(env_all["task"]),
-                source=str(env_all["source"]),
-                keyword_data=episode_kw.get(episode_id, {}),
-                environment_keyword_data=env_kw,
-                users=users_of.get(environment_id, {}),
-            )
+            except CrowdPlayDataError as exc:
+                name = episode_id if isinstance(episode_id, str) else f"episodes row {number}"
+                self.rejected[str(name)] = exc.problem
         self._metadata = result
         return result
+
+    def _episode_metadata(
+        self,
+        episode_id: Any,
+        environment_id: Any,
+        task_of: dict,
+        environment_kw: dict,
+        episode_kw: dict,
+        users_of: dict,
+    ) -> EpisodeMetadata:
+        check_name(episode_id, "episode_id", self.db_path)
+        if environment_id not in task_of:
+            raise SchemaError(
+                self.db_path,
+                f"episode {episode_id} names environment {environment_id}, "
+                "which has no row in 'environments'",
+            )
+        env_kw = environment_kw.get(environment_id, {})
+        env_all = env_kw.get("all", {})
+        missing = [k for k in ("game", "task", "source") if k not in env_all]
+        if missing:
+            raise SchemaError(
+                self.db_path,
+                f"environment {environment_id} lacks environment keyword(s) "
+                f"{', '.join(missing)} under agent 'all'",
+            )
+        from ..games import GAMES
+
+        game = env_all["game"]
+        if not isinstance(game, str) or game not in GAMES:
+            raise InvalidMetadataError(
+                self.db_path,
+                f"episode {episode_id}: game {game!r} is not in the games catalogue "
+                f"({', '.join(sorted(GAMES))})",
+                field="game",
+            )
+        task = check_name(env_all["task"], "task", self.db_path)
+        source = env_all["source"]
+        if not isinstance(source, str):
+            raise InvalidMetadataError(
+                self.db_path,
+                f"episode {episode_id}: source {source!r} is not a string",
+                field="source",
+            )
+        keyword_data = episode_kw.get(episode_id, {})
+        users = users_of.get(environment_id, {})
+        for agent_id in [*keyword_data, *env_kw, *users]:
+            check_name(agent_id, "agent_id", self.db_path, SAFE_AGENT_ID)
+        return EpisodeMetadata(
+            episode_id=episode_id,
+            environment_id=environment_id,
+            task_id=task_of[environment_id],
+            game=game,
+            task=task,
+            source=source,
+            keyword_data=keyword_data,
+            environment_keyword_data=env_kw,
+            users=users,
+        )
 
     def episode_ids(self) -> list[str]:
         """All episode ids in the DB, sorted."""
