@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crowdplay_minari import files
 from crowdplay_minari.sample import generate_sample
 
 ALL_ENCODINGS = (".pickle.bz2", ".pickle.gz", ".pickle")
@@ -186,5 +186,5 @@ def write_json(path: Path | None, results: dict) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, sort_keys=False))
+    files.write_json(path, results)
     print(f"\nresults written to {path}")

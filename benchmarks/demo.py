@@ -7,13 +7,13 @@ processed load -> a short d3rlpy training run -> evaluation in the gymnasium env
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from crowdplay_minari import files
 from crowdplay_minari.cli import positive_int
 
 
@@ -114,7 +114,7 @@ def run_demo(
         f"      return {total:g} over {steps} agent steps ({steps * config.downsample_frequency} "
         f"frames); whole demo {summary['seconds']:.0f} s"
     )
-    (workdir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    files.write_json(workdir / "demo_summary.json", summary)
     return summary
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import h5py
 
+from crowdplay_minari import files
 from crowdplay_minari.episode import EpisodeMetadata
 from crowdplay_minari.executors import ExecutorConfig, TaskLost, run_tasks
 from crowdplay_minari.games import TWO_PLAYER_GAMES
@@ -520,9 +521,7 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
     report.finished = dt.datetime.now().isoformat(timespec="seconds")
     report_path = root / config.namespace / REPORT_NAME
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = report_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(report), indent=2))
-    os.replace(tmp, report_path)
+    files.write_json(report_path, dataclasses.asdict(report))
     return report
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -435,6 +436,35 @@ def test_rerun_skips_done_cells_and_resumes_broken_ones(
     assert "resuming" in (out / "cells" / lost / "cell.log").read_text()  # from step 20: eval only
     results = pd.read_csv(out / "results.csv")
     assert len(results) == 4 and set(results["status"]) == {"done"}
+
+
+@pytest.mark.slow
+def test_torn_files_are_named_and_every_other_cell_still_reports(
+    sample_root: Path, smoke_run: tuple[Path, float], tmp_path: Path
+) -> None:
+    """A crash mid-write tears a file: the rerun names it, redoes what it must and still writes
+    results.csv, summary.md and the plots for every cell."""
+    source, _ = smoke_run
+    out = tmp_path / "torn"
+    shutil.copytree(source, out)
+    torn_curve, empty_status, garbage_result, _ = sorted(_statuses(out))
+    with open(out / "cells" / torn_curve / "curve.jsonl", "a") as f:
+        f.write('{"step": 30, "lo')  # a line cut short by the crash
+    (out / "cells" / empty_status / "status.json").write_text("")
+    (out / "cells" / garbage_result / "result.json").write_text('{"cell": ')
+
+    assert bench(sample_root, *SMOKE_FLAGS, "--out", str(out)) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 4 and set(results["status"]) == {"done"}
+    after = _statuses(out)
+    assert after[empty_status]["status"] == "done"
+    assert json.loads((out / "cells" / garbage_result / "result.json").read_text())["cell"]
+    summary = (out / "summary.md").read_text()
+    damaged = summary.split("## Damaged files", 1)[1]
+    assert f"{torn_curve}/curve.jsonl: skipped unreadable line(s) 3" in damaged
+    for name in ("learning_curves.png", "bars.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.part*"))
 
 
 @pytest.mark.slow

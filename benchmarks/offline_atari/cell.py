@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from crowdplay_minari import files
+
 from .algorithms import ALGORITHMS, make_algorithm
 from .evaluation import play_episodes
 from .grid import Cell, DatasetSpec, EmptySelectionError, GridError
@@ -143,8 +145,7 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
                 played = evaluate(episodes=cell.epoch_eval_episodes, stream=1)
                 point["eval_return"] = float(np.mean([e["return"] for e in played]))
             point["metrics"] = {k: float(v) for k, v in metrics.items()}
-            with open(curve_path, "a") as f:
-                f.write(json.dumps(point) + "\n")
+            files.append_jsonl(curve_path, point)
             save_checkpoint(algo, cell_dir, step)
             update_status(cell_dir, steps_done=step)
     tmp = cell_dir / "model.d3.tmp"
@@ -210,12 +211,10 @@ def save_checkpoint(algo, cell_dir: Path, step: int) -> Path:
 
 def _truncate_curve(path: Path, steps: int) -> None:
     """Drop curve points past the checkpoint a cell resumes from (written before a crash)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= steps]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
+    points, problem = files.read_jsonl(path)
+    kept = [p for p in points if isinstance(p, dict) and p.get("step", steps + 1) <= steps]
+    if problem or len(kept) != len(points):  # also drops a line a crash tore
+        files.write_text(path, "".join(json.dumps(p) + "\n" for p in kept))
 
 
 def now() -> str:
@@ -223,9 +222,7 @@ def now() -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(jsonable(data), indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
+    files.write_json(path, jsonable(data))
 
 
 def jsonable(value: Any) -> Any:
@@ -240,11 +237,10 @@ def jsonable(value: Any) -> Any:
 
 def read_status(cell_dir: Path) -> dict[str, Any]:
     """The cell's status.json; `{"status": "pending", "runs": 0}` when there is none."""
-    path = cell_dir / "status.json"
-    if path.exists():
-        with contextlib.suppress(json.JSONDecodeError):
-            return json.loads(path.read_text())
-    return {"status": "pending", "runs": 0}
+    status, _ = files.read_json(cell_dir / "status.json")
+    if isinstance(status, dict):
+        return status
+    return {"status": "pending", "runs": 0}  # none yet, or torn: the cell runs (again)
 
 
 def update_status(cell_dir: Path, **changes: Any) -> dict[str, Any]:
@@ -254,7 +250,8 @@ def update_status(cell_dir: Path, **changes: Any) -> dict[str, Any]:
 
 
 def is_done(cell_dir: Path) -> bool:
-    return read_status(cell_dir).get("status") == "done" and (cell_dir / "result.json").exists()
+    result, _ = files.read_json(cell_dir / "result.json")
+    return read_status(cell_dir).get("status") == "done" and isinstance(result, dict)
 
 
 def _output_to(path: Path) -> contextlib.AbstractContextManager[None]:

@@ -3,13 +3,15 @@ plots, the markdown summary."""
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from crowdplay_minari import files
 
 from .algorithms import ALGORITHMS
 from .cell import RESULT_COLUMNS
@@ -80,16 +82,19 @@ def _label(dataset: str, filter_text: str) -> str:
     return f"{name} [{filter_text}]" if filter_text else name
 
 
-def read_curves(cells_root: Path, cells: Sequence[Cell]) -> Any:
-    """Every cell's curve.jsonl as one DataFrame (step, loss, held-out match, eval return)."""
+def read_curves(cells_root: Path, cells: Sequence[Cell], notes: list[str] | None = None) -> Any:
+    """Every cell's curve.jsonl as one DataFrame (step, loss, held-out match, eval return).
+    Lines a crash tore are left out and named in `notes`."""
     import pandas as pd
 
     frames = []
     for cell in cells:
-        path = cells_root / cell.name / "curve.jsonl"
-        if not path.exists():
+        points, problem = files.read_jsonl(cells_root / cell.name / "curve.jsonl")
+        if problem and notes is not None:
+            notes.append(problem)
+        points = [p for p in points if isinstance(p, dict) and "step" in p]
+        if not points:
             continue
-        points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         frame = pd.DataFrame([{k: v for k, v in p.items() if k != "metrics"} for p in points])
         spec = cell.spec
         frame = frame.assign(
@@ -200,7 +205,9 @@ def _with_ci(mean: Any, low: Any, high: Any, digits: int) -> str:
     return text
 
 
-def summary_markdown(grid: GridConfig, results, table, run_seconds: float) -> str:
+def summary_markdown(
+    grid: GridConfig, results, table, run_seconds: float, notes: Sequence[str] = ()
+) -> str:
     """The Markdown summary: setup line, aggregated results, every cell, failed cells."""
     from importlib.metadata import version
 
@@ -264,6 +271,8 @@ def summary_markdown(grid: GridConfig, results, table, run_seconds: float) -> st
             lines.append(f"| {r['cell']} | {r['status']} | {error} |")
     else:
         lines.append("None.")
+    if notes:
+        lines += ["", "## Damaged files", ""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -274,9 +283,15 @@ def write_reports(
     import pandas as pd
 
     results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
-    results.to_csv(out / "results.csv", index=False)
+    files.write_text(out / "results.csv", results.to_csv(index=False))
     table = aggregate(results)
-    table.to_csv(out / "aggregate.csv", index=False)
-    plot_learning_curves(read_curves(out / "cells", cells), out / "learning_curves.png")
-    plot_bars(table, out / "bars.png")
-    (out / "summary.md").write_text(summary_markdown(grid, results, table, run_seconds))
+    files.write_text(out / "aggregate.csv", table.to_csv(index=False))
+    notes: list[str] = []
+    curves = read_curves(out / "cells", cells, notes)
+    for plot, name, data in ((plot_learning_curves, "learning_curves.png", curves),
+                             (plot_bars, "bars.png", table)):  # fmt: skip
+        partial = out / f".{name}.part.png"
+        plot(data, partial)
+        os.replace(partial, out / name)
+    summary = summary_markdown(grid, results, table, run_seconds, notes)
+    files.write_text(out / "summary.md", summary)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -13,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from crowdplay_minari import files
 from crowdplay_minari.executors import ExecutorConfig, TaskLost, run_tasks
 
 from .cell import (
@@ -105,13 +105,26 @@ def _exclusive(out: Path) -> Iterator[None]:
         yield
 
 
+def _result_of(cell: Cell, cells_root: Path) -> dict[str, Any]:
+    """The cell's result.json, or a row saying why there is none (a torn file is named)."""
+    result, problem = files.read_json(cells_root / cell.name / "result.json")
+    if isinstance(result, dict):
+        return result
+    row = result_row(cell, read_status(cells_root / cell.name).get("status", "pending"))
+    if problem and not problem.endswith("missing"):
+        row.update(status="failed", error=f"result unreadable: {problem}")
+    return row
+
+
 def _check_identity(cells: Sequence[Cell], cells_root: Path) -> None:
     """A cell directory from an earlier run must describe the same cell."""
     for cell in cells:
         path = cells_root / cell.name / "config.json"
-        if not path.exists():
+        config, _ = files.read_json(path)
+        if not isinstance(config, dict):  # none yet, or torn by a crash: written afresh
+            path.unlink(missing_ok=True)
             continue
-        stored = json.loads(path.read_text()).get("cell", {})
+        stored = dict(config.get("cell", {}))
         stored.pop("device", None)
         stored.pop("root", None)
         changed = {k: (stored.get(k), v) for k, v in cell.identity().items() if stored.get(k) != v}
@@ -168,12 +181,7 @@ def run_grid(grid: GridConfig, *, log: Callable[[str], None] = print) -> list[di
 
         if todo:
             _run_cells(todo, cells_root, grid, report)
-        rows = [
-            json.loads((cells_root / c.name / "result.json").read_text())
-            if (cells_root / c.name / "result.json").exists()
-            else result_row(c, read_status(cells_root / c.name).get("status", "pending"))
-            for c in cells
-        ]
+        rows = [_result_of(c, cells_root) for c in cells]
         seconds = time.perf_counter() - started
         write_reports(out, grid, cells, rows, run_seconds=seconds)
     failed = sum(r["status"] != "done" for r in rows)

@@ -1,0 +1,90 @@
+"""Small files that survive a crash: written whole or not at all, read even when torn.
+
+Every JSON, JSONL, CSV and Markdown file the converter and the grid runner write goes through
+here. A write goes to a temporary file in the same folder, is flushed to disk and renamed over
+the target, so a reader sees the old file or the new one, never half of it. A JSONL append
+writes one whole line with a single `write` call; a crash can still tear that last line, so the
+reader keeps every line it can parse and says which ones it could not.
+
+    write_text(path, "...")                   # atomic
+    append_jsonl(path, {"step": 10})          # one line
+    points, problem = read_jsonl(path)        # problem: None, or what was wrong
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+    try:
+        with open(partial, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) atomically."""
+    write_bytes(path, text.encode())
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Replace `path` with `value` as indented JSON, atomically."""
+    write_text(path, json.dumps(value, indent=2, allow_nan=True) + "\n")
+
+
+def read_json(path: Path) -> tuple[Any, str | None]:
+    """`(value, None)`, or `(None, problem)` when the file is missing, empty or not JSON."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None, f"{path}: missing"
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"{path}: unreadable ({exc})"
+    if not text.strip():
+        return None, f"{path}: empty"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"{path}: not JSON ({exc.msg} at line {exc.lineno})"
+
+
+def append_jsonl(path: Path, value: Any) -> None:
+    """Append `value` as one JSON line, flushed to disk."""
+    line = (json.dumps(value, allow_nan=True) + "\n").encode()
+    with open(path, "ab") as file:
+        file.write(line)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def read_jsonl(path: Path) -> tuple[list[Any], str | None]:
+    """Every JSON line of `path` that parses, and a note naming the lines that did not (a line
+    torn by a crash, garbage) or None. A missing file is no lines and no problem."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return [], None
+    values, bad = [], []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            bad.append(number)
+    if not bad:
+        return values, None
+    return values, f"{path}: skipped unreadable line(s) {', '.join(map(str, bad))}"
