@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         examples=[
             f"{PROG} bench --preset smoke",
             f"{PROG} bench --algorithms bc,cql --seeds 0,1 --steps 50000 "
-            "--datasets crowdplay/riverraid/plain-player_0-v0:min_score=50",
+            "--datasets crowdplay/riverraid/plain-player_0-v1:min_score=50",
         ],
         run=_cmd_bench,
     )

@@ -111,7 +111,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="check converted datasets against the raw source, array by array",
         examples=[
             "crowdplay-minari verify data/raw/crowdplay_atari-v0 --root data/minari",
-            "crowdplay-minari verify data/raw/crowdplay_atari-v0 crowdplay/qbert/plain-player_0-v0",
+            "crowdplay-minari verify data/raw/crowdplay_atari-v0 crowdplay/qbert/plain-player_0-v1",
         ],
         run=_cmd_verify,
     )

@@ -85,9 +85,11 @@ def _small(group: h5py.Group, name: str, data: np.ndarray) -> None:
     )
 
 
-def _padded(values: np.ndarray) -> np.ndarray:
-    """N+1 entries: the N recorded ones plus a repeat of the last."""
-    return np.concatenate([values, values[-1:]])
+def _aligned(values: np.ndarray) -> np.ndarray:
+    """N+1 entries in Minari's convention, where `infos[t]` goes with `observations[t]`: entry
+    t + 1 is what CrowdPlay recorded with step t (the RAM after it, the step's user type...).
+    Entry 0, the state at reset, was never recorded; it repeats entry 1 (`recorded` false)."""
+    return np.concatenate([values[:1], values])
 
 
 def episode_attributes(episode: Episode, agent: AgentTrajectory) -> dict:
@@ -167,13 +169,13 @@ def write_episode_group(
     _small(group, "truncations", truncations)
 
     infos = group.create_group("infos")
-    _small(infos, "ram", _padded(agent.ram))
-    _small(infos, "lives", _padded(agent.lives))
-    _small(infos, "user_type", _padded(agent.user_types))
-    _small(infos, "action_step_iter", _padded(agent.action_step_iters))
-    _small(infos, "step_iter", _padded(episode.step_iters))
+    _small(infos, "ram", _aligned(agent.ram))
+    _small(infos, "lives", _aligned(agent.lives))
+    _small(infos, "user_type", _aligned(agent.user_types))
+    _small(infos, "action_step_iter", _aligned(agent.action_step_iters))
+    _small(infos, "step_iter", _aligned(episode.step_iters))
     recorded = np.ones(n + 1, dtype=bool)
-    recorded[n] = False
+    recorded[0] = False
     _small(infos, "recorded", recorded)
     for name, source in (
         ("statistics", agent.statistics),
@@ -181,7 +183,7 @@ def write_episode_group(
     ):
         sub = infos.create_group(name)
         for stat, values in source.items():
-            _small(sub, stat.replace("/", "\u2215"), _padded(values))
+            _small(sub, stat.replace("/", "\u2215"), _aligned(values))
     group.attrs.update(episode_attributes(episode, agent))
 
 

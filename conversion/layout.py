@@ -1,7 +1,7 @@
 """How CrowdPlay episodes map onto Minari datasets: ids, spaces, episode content, metadata.
 
-Dataset ids: `<namespace>/<game>/<task>-<player>-v0`, e.g. `crowdplay/space_invaders/insideout-
-player_0-v0` and `crowdplay/space_invaders_2p/cooperative-player_1-v0`: one dataset per game, task
+Dataset ids: `<namespace>/<game>/<task>-<player>-v1`, e.g. `crowdplay/space_invaders/insideout-
+player_0-v1` and `crowdplay/space_invaders_2p/cooperative-player_1-v1`: one dataset per game, task
 and agent, so a plain Minari user gets homogeneous behaviour. The recruitment source and every
 statistic are episode attributes. Every episode keeps CrowdPlay's `episode_id`, which links the two
 players of one game across datasets.
@@ -13,8 +13,10 @@ Episode content (one Minari episode per CrowdPlay episode and agent, N raw 60 Hz
 - `actions` (N,) int64 minimal-action-set index; `rewards` (N,) float64, unclipped;
   `terminations` true on the last step iff the game was over; `truncations` true on the last step
   iff the session stopped first.
-- `infos` (N+1 entries, index t = raw step t, entry N repeats N-1 with `recorded` false): `ram`
-  (128 uint8, RAM after the step), `lives`, `user_type` (1 human, 2 AI), `action_step_iter`,
+- `infos` (N+1 entries in Minari's convention: `infos[t]` goes with `observations[t]`, so entry
+  t + 1 is what CrowdPlay recorded with step t; entry 0, the state at reset, was never recorded
+  and repeats entry 1 with `recorded` false): `ram` (128 uint8, the RAM after step t, i.e. the
+  state shown in observation t + 1), `lives`, `user_type` (1 human, 2 AI), `action_step_iter`,
   `step_iter`, `recorded`, `statistics/<name>` and `task_statistics/<name>` (CrowdPlay's running
   episode / task statistics, float64, timedeltas in seconds).
 """
@@ -31,18 +33,21 @@ from crowdplay_minari.episode import FRAME_SHAPE, player_name
 from crowdplay_minari.games import TWO_PLAYER_GAMES, game_info, num_actions
 
 DEFAULT_NAMESPACE = "crowdplay"
-DATASET_VERSION = 0
+DATASET_VERSION = 1
+"""1: env specs run CrowdPlay's emulator set-up (multi-agent-ale-py), two-player ones too."""
 FINAL_OBSERVATION = "repeat_last"
 CODE_PERMALINK = f"https://pypi.org/project/crowdplay-minari/{__version__}/"
 AUTHOR = (
     "CrowdPlay (Gerstgrasser, Trivedi, Parkes et al., ICLR 2022); converted by crowdplay-minari"
 )
 AUTHOR_EMAIL = "crowdplay-minari maintainers"
-REQUIREMENTS = ["ale-py<0.11.1", "gymnasium==1.0.0", "crowdplay-minari", "hdf5plugin"]
+REQUIREMENTS = ["hdf5plugin>=5", "ale-py==0.10.2", "multi-agent-ale-py==0.1.12", "gymnasium==1.0.0"]
+"""What a plain reader installs besides `minari[hdf5]`: `hdf5plugin` decodes the zstd arrays; the
+environments (entry point `crowdplay_minari.envs`) also need this package itself."""
 
 
 def dataset_id(namespace: str, game: str, task: str, agent_id: str) -> str:
-    """`crowdplay/space_invaders/insideout-player_0-v0`."""
+    """`crowdplay/space_invaders/insideout-player_0-v1`."""
     return f"{namespace}/{game}/{task}-{player_name(agent_id)}-v{DATASET_VERSION}"
 
 
@@ -77,16 +82,18 @@ def description(key: DatasetKey) -> str:
         "CrowdPlay stores no screen after the last step: the final (N+1-th) observation repeats "
         "the N-th (episode attribute final_observation='repeat_last'). Episode attributes hold "
         "every CrowdPlay metadata value (source, statistics, environment data, participant id); "
-        "crowdplay_episode_id links both players of one game. Per-step infos: RAM, lives, "
+        "crowdplay_episode_id links both players of one game. Per-step infos (infos[t] goes "
+        "with observations[t]; infos[0] is not recorded): RAM, lives, "
         "user_type (1 human, 2 AI), action_step_iter, step_iter, running statistics. "
         "ref_min_score / ref_max_score are the standard random / human Atari references "
         "(Mnih et al. 2015). "
+        + "Read with minari[hdf5] after `import hdf5plugin` (zstd). env_spec is the raw "
+        "collection env (CrowdPlay's multi-agent-ale-py set-up, frameskip 1); eval_env_spec is "
+        "the crowdplay_minari evaluation env with the loader's frame processing"
         + (
-            "Two-player data: env_spec is None (the multi-agent ALE has no gymnasium entry "
-            "point); the eval env is the single-player game with the loader's frame processing."
+            "; this agent plays the two-player game, its partner given as partner= to gym.make."
             if two_player
-            else "env_spec is the raw collection env (ALE, frameskip 1); eval_env_spec is the "
-            "crowdplay_minari evaluation env with the loader's frame processing."
+            else "."
         )
     )
 
@@ -104,7 +111,9 @@ def dataset_metadata(key: DatasetKey) -> dict:
         "code_permalink": CODE_PERMALINK,
         "description": description(key),
         "minari_version": _minari_version(),
-        "eval_env_spec": eval_env_spec(key.game).to_json(),
+        "eval_env_spec": eval_env_spec(
+            key.game, player=player_index(key.agent_id), task=key.task
+        ).to_json(),
         "ref_min_score": info.random_score,
         "ref_max_score": info.human_score,
         "num_episodes_average_score": 0,
@@ -112,13 +121,16 @@ def dataset_metadata(key: DatasetKey) -> dict:
     }
 
 
-def collection_env_spec(game: str):
-    """The raw collection env for single-player games; None for two-player ones."""
-    if game in TWO_PLAYER_GAMES:
-        return None
+def collection_env_spec(game: str, agent_id: str, task: str):
+    """The raw collection env of `agent_id` in `game` (the agent's view of two-player games)."""
     from crowdplay_minari.envs import collection_env_spec as spec
 
-    return spec(game)
+    return spec(game, player=player_index(agent_id), task=task)
+
+
+def player_index(agent_id: str) -> int:
+    """`'game_0>player_1'` -> 1."""
+    return int(player_name(agent_id).rsplit("_", 1)[-1])
 
 
 def _minari_version() -> str:

@@ -70,13 +70,13 @@ def verify_dataset(
             and not ep.terminations[:-1].any(),
             "truncations": bool(ep.truncations[-1]) == agent.truncated
             and not ep.truncations[:-1].any(),
-            "infos.ram": np.array_equal(ep.infos["ram"][:n], agent.ram),
-            "infos.lives": np.array_equal(ep.infos["lives"][:n], agent.lives),
-            "infos.user_type": np.array_equal(ep.infos["user_type"][:n], agent.user_types),
+            "infos.ram": np.array_equal(ep.infos["ram"][1:], agent.ram),
+            "infos.lives": np.array_equal(ep.infos["lives"][1:], agent.lives),
+            "infos.user_type": np.array_equal(ep.infos["user_type"][1:], agent.user_types),
             "infos.action_step_iter": np.array_equal(
-                ep.infos["action_step_iter"][:n], agent.action_step_iters
+                ep.infos["action_step_iter"][1:], agent.action_step_iters
             ),
-            "infos.step_iter": np.array_equal(ep.infos["step_iter"][:n], source.step_iters),
+            "infos.step_iter": np.array_equal(ep.infos["step_iter"][1:], source.step_iters),
             "game/task/source": (flat["game"], flat["task"], flat["source"])
             == (meta.game, meta.task, meta.source),
             "environment_id/task_id": (flat["environment_id"], flat["task_id"])
@@ -89,7 +89,7 @@ def verify_dataset(
         for name, values in agent.statistics.items():
             stored = ep.infos["statistics"].get(name.replace("/", "\u2215"))
             checks[f"infos.statistics[{name}]"] = stored is not None and np.array_equal(
-                stored[:n], values, equal_nan=True
+                stored[1:], values, equal_nan=True
             )
         user = meta.users.get(agent_id)
         checks["user_id"] = flat["user_id"] == (user.user_id if user else None)

@@ -40,6 +40,7 @@ _EXPORTS = {
     "to_replay_buffer": "d3rlpy_bridge",
     "split_episodes": "d3rlpy_bridge",
     "CrowdPlayAtariEnv": "envs",
+    "parallel_env": "parallel",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -49,8 +49,9 @@ class GameInfo:
     """Size of the minimal action set of each player (checked against the emulator in tests)."""
     random_score: float
     human_score: float
-    mode: int | None = None
-    """The ALE game mode CrowdPlay set (None: the ROM's default)."""
+    mode: int = 0
+    """The ALE game mode CrowdPlay played: the ROM's first mode for this number of players in
+    `multi-agent-ale-py` (1 for single-player Space Invaders, 33 for two players)."""
     task_statistics: Mapping[str, str] = field(default_factory=dict)
     """Task -> the CrowdPlay statistic that measures adherence to it."""
     ai_partner: bool = False
@@ -78,7 +79,7 @@ def _space_invaders(name: str, players: int, **extra) -> GameInfo:
         6,
         148.0,
         1668.7,
-        mode=33 if players == 2 else None,
+        mode=33 if players == 2 else 1,
         task_statistics=MappingProxyType({**_ALIEN_ORDER, **_SIDES}),
         **extra,
     )
@@ -111,6 +112,9 @@ GAMES: Mapping[str, GameInfo] = MappingProxyType(
     }
 )
 """CrowdPlay game name -> its `GameInfo`."""
+
+SHARED_REWARD_TASKS = frozenset({"cooperative"})
+"""Two-player tasks in which CrowdPlay's co-op wrapper gave both players the sum of both rewards."""
 
 TWO_PLAYER_GAMES = frozenset(name for name, info in GAMES.items() if info.two_player)
 """CrowdPlay games with two agents (`game_0>player_0` and `game_0>player_1`)."""

@@ -289,22 +289,22 @@ class EpisodeView:
                 infos = arrays.infos
                 step["prev_obs"][agent] = {"image": arrays.observations[i]}
                 step["action"][agent] = {"game": int(arrays.actions[i])}
-                step["action_step_iter"][agent] = int(infos["action_step_iter"][i])
+                step["action_step_iter"][agent] = int(infos["action_step_iter"][i + 1])
                 step["reward"][agent] = arrays.rewards[i].item()
                 step["done"][agent] = bool(arrays.terminations[i])
                 step["info"][agent] = {
-                    "ale.lives": int(infos["lives"][i]),
-                    "RAM": infos["ram"][i].tolist(),
+                    "ale.lives": int(infos["lives"][i + 1]),
+                    "RAM": infos["ram"][i + 1].tolist(),
                 }
-                step["user_type"][agent] = int(infos["user_type"][i])
+                step["user_type"][agent] = int(infos["user_type"][i + 1])
                 for key, group in (
                     ("episode_callables", "statistics"),
                     ("task_callables", "task_statistics"),
                 ):
                     for name, values in infos.get(group, {}).items():
-                        step[key].setdefault(name, {})[agent] = float(values[i])
+                        step[key].setdefault(name, {})[agent] = float(values[i + 1])
             step["done"]["__all__"] = all(step["done"][a] for a in loaded)
-            step["step_iter"] = int(step_iters[i])
+            step["step_iter"] = int(step_iters[i + 1])
             steps.append(step)
         return steps
 

@@ -1,9 +1,9 @@
 """Emulator-made sample data in the exact raw CrowdPlay format.
 
 The real release (15 GB) cannot be downloaded everywhere, so the project plays real Atari games in
-the Arcade Learning Environment, the way CrowdPlay recorded people: 60 Hz, no frame skip, no sticky
-actions, the minimal action set; single-player games through `ale-py`, two-player Space Invaders
-through `multi-agent-ale-py` (the emulator CrowdPlay used) with ROMs from `ale-py`. Scripted
+the Arcade Learning Environment, the way CrowdPlay recorded people: every game in
+`multi-agent-ale-py` set up as CrowdPlay set it up (`crowdplay_minari.emulator`; ROMs from
+`ale-py`), 60 Hz, no frame skip, no sticky actions, the minimal action set. Scripted
 "participants" hold keys for a while, fire, move towards targets that depend on their task, start
 late, and react with latency; an AI partner acts every frame. Statistics are computed from the
 recorded rewards, actions and RAM the way CrowdPlay computed them.
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .emulator import CrowdPlayEmulator
 from .episode import (
     AI,
     FRAME_SHAPE,
@@ -33,7 +34,7 @@ from .episode import (
     EpisodeMetadata,
     User,
 )
-from .games import TWO_PLAYER_GAMES, rom_for_game
+from .games import SHARED_REWARD_TASKS, game_info
 from .raw.writer import RawDatasetWriter
 from .statistics import TIMEDELTA_STATISTICS, running_statistics, space_invaders_x
 
@@ -75,60 +76,6 @@ DEFAULT_SESSIONS: tuple[SessionSpec, ...] = (
 # -- emulators ---------------------------------------------------------------------------------
 
 
-class _Emulator:
-    """A thin common face over `ale_py` (1 player) and `multi_agent_ale_py` (2 players)."""
-
-    def __init__(self, rom: str, players: int, seed: int) -> None:
-        from ale_py import roms
-
-        self.players = players
-        path = str(roms.get_rom_path(rom))
-        if players == 1:
-            import ale_py
-
-            ale = ale_py.ALEInterface()
-            ale.setLoggerMode(ale_py.LoggerMode.Error)
-            ale.setInt("random_seed", seed)
-            ale.setFloat("repeat_action_probability", 0.0)
-            ale.setInt("frame_skip", 1)
-            ale.loadROM(path)
-        else:
-            import multi_agent_ale_py
-
-            ale = multi_agent_ale_py.ALEInterface()
-            ale.setInt(b"random_seed", seed)
-            ale.setFloat(b"repeat_action_probability", 0.0)
-            ale.setInt(b"frame_skip", 1)
-            ale.loadROM(path)
-            ale.setMode(int(ale.getAvailableModes(players)[0]))
-            ale.reset_game()
-        self.ale = ale
-        self.minimal_actions = list(ale.getMinimalActionSet())
-
-    def reset(self) -> None:
-        self.ale.reset_game()
-
-    def screen(self) -> np.ndarray:
-        return self.ale.getScreenRGB()
-
-    def act(self, action_indices: list[int]) -> np.ndarray:
-        actions = [self.minimal_actions[i] for i in action_indices]
-        if self.players == 1:
-            return np.array([self.ale.act(actions[0])], dtype=np.int64)
-        return np.asarray(self.ale.act(actions), dtype=np.int64)
-
-    def ram(self) -> np.ndarray:
-        return self.ale.getRAM()
-
-    def lives(self) -> list[int]:
-        if self.players == 1:
-            return [int(self.ale.lives())]
-        return [int(x) for x in self.ale.allLives()]
-
-    def game_over(self) -> bool:
-        return bool(self.ale.game_over())
-
-
 # -- scripted players --------------------------------------------------------------------------
 
 
@@ -151,7 +98,7 @@ class _Player:
     def __post_init__(self) -> None:
         import ale_py
 
-        self.names = {ale_py.Action(a).name: i for i, a in enumerate(self.minimal_actions)}
+        self.names = {ale_py.Action(int(a)).name: i for i, a in enumerate(self.minimal_actions)}
         # Humans take a moment before their first key press; AIs act at once.
         self.first_press = 0 if self.is_ai else self.rng.randint(20, 90)
 
@@ -217,7 +164,11 @@ class _Recording:
 
 
 def _play(
-    emulator: _Emulator, players: list[_Player], max_frames: int, takeover_at: int | None
+    emulator: CrowdPlayEmulator,
+    players: list[_Player],
+    max_frames: int,
+    takeover_at: int | None,
+    shared_reward: bool = False,
 ) -> _Recording:
     n_players = len(players)
     frames = np.empty((max_frames, *FRAME_SHAPE), dtype=np.uint8)
@@ -237,7 +188,9 @@ def _play(
         for p, player in enumerate(players):
             actions[n, p], step_iters[n, p] = player.step(n + 1, current_ram)
             user_types[n, p] = AI if player.is_ai else HUMAN
-        rewards[n] = emulator.act(list(actions[n]))
+        rewards[n] = emulator.act(actions[n])
+        if shared_reward:  # CrowdPlay's co-op wrapper: both players get the sum
+            rewards[n] = rewards[n].sum()
         current_ram = emulator.ram()
         ram[n] = current_ram
         lives[n] = emulator.lives()
@@ -338,7 +291,7 @@ def _play_session(
     """Play one session's episodes and write their trajectory files (runs in a worker process)."""
     spec = job.spec
     rng = random.Random(job.seed)
-    rom, n_players = rom_for_game(spec.game), 2 if spec.game in TWO_PLAYER_GAMES else 1
+    n_players = game_info(spec.game).players
     agent_ids = AGENT_IDS[:n_players]
     environment_id = _uuid(rng)
     session_start = BASE_TIME + dt.timedelta(hours=job.index)
@@ -355,7 +308,7 @@ def _play_session(
     humans = [a for a in agent_ids if a not in spec.ai_agents]
     users = [User(_hash(rng), _hash(rng), spec.task_id, environment_id, a) for a in humans]
     writer = RawDatasetWriter(job.out_dir, encodings=job.encodings, create_db=False)
-    emulator = _Emulator(rom, n_players, seed=rng.randrange(2**31))
+    emulator = CrowdPlayEmulator(spec.game, seed=rng.randrange(2**31))
     history: list[_Recording] = []
     episodes = []
     for e in range(job.count):
@@ -376,9 +329,9 @@ def _play_session(
         takeover = None
         if spec.takeover_fraction is not None:
             takeover = int(cap * spec.takeover_fraction)
-        if e > 0:
-            emulator.reset()
-        rec = _play(emulator, players, cap, takeover)
+        emulator.reset()  # every episode starts with reset_game, as in CrowdPlay
+        shared = n_players == 2 and spec.task in SHARED_REWARD_TASKS
+        rec = _play(emulator, players, cap, takeover, shared)
         trajectories = _agent_trajectories(spec, rec, history, agent_ids)
         history.append(rec)
         created_on = session_start + dt.timedelta(

@@ -47,9 +47,9 @@ def test_every_episode_and_agent_becomes_a_dataset_episode(converted, raw_sample
         players = (
             ["player_0", "player_1"] if meta.game.startswith("space_invaders_") else ["player_0"]
         )
-        expected |= {f"crowdplay/{meta.game}/{meta.task}-{p}-v0" for p in players}
+        expected |= {f"crowdplay/{meta.game}/{meta.task}-{p}-v1" for p in players}
     assert set(report.datasets) == expected
-    assert "crowdplay/space_invaders_2p/cooperative-player_1-v0" in expected
+    assert "crowdplay/space_invaders_2p/cooperative-player_1-v1" in expected
     assert not list((root / STAGING_DIR / "episodes").glob("*/*.h5"))  # staged files published
 
 
@@ -76,7 +76,8 @@ for dataset_id in json.loads(sys.argv[1]):
         np.savez(sys.argv[2] + f"/{meta['crowdplay_episode_id']}_{meta['player']}.npz",
                  obs=ep.observations, actions=ep.actions, rewards=ep.rewards,
                  terminations=ep.terminations, truncations=ep.truncations,
-                 ram=ep.infos["ram"], user_type=ep.infos["user_type"])
+                 ram=ep.infos["ram"], user_type=ep.infos["user_type"],
+                 recorded=ep.infos["recorded"])
         eps.append({k: (v if isinstance(v, (str, int, float, dict)) else str(v))
                     for k, v in meta.items() if k in ("crowdplay_episode_id", "agent_id",
                     "source", "keyword_data", "ended_by", "final_observation")})
@@ -91,10 +92,10 @@ print(json.dumps(out, default=str))
 def test_plain_minari_in_a_fresh_process_reads_exact_data(converted, raw_sample_bz2, tmp_path):
     root, report = converted
     ids = [
-        "crowdplay/space_invaders_2p/cooperative-player_0-v0",
-        "crowdplay/space_invaders_2p/cooperative-player_1-v0",
-        "crowdplay/space_invaders_ai/competitive-player_0-v0",
-        "crowdplay/space_invaders/insideout-player_0-v0",
+        "crowdplay/space_invaders_2p/cooperative-player_0-v1",
+        "crowdplay/space_invaders_2p/cooperative-player_1-v1",
+        "crowdplay/space_invaders_ai/competitive-player_0-v1",
+        "crowdplay/space_invaders/insideout-player_0-v1",
     ]
     proc = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS_SCRIPT, json.dumps(ids), str(tmp_path)],
@@ -122,8 +123,11 @@ def test_plain_minari_in_a_fresh_process_reads_exact_data(converted, raw_sample_
             assert np.array_equal(got["rewards"], agent.rewards)
             assert bool(got["terminations"][-1]) == agent.terminated
             assert bool(got["truncations"][-1]) == agent.truncated
-            assert np.array_equal(got["ram"][:n], agent.ram)
-            assert np.array_equal(got["user_type"][:n], agent.user_types)
+            # Minari's convention: infos[t] goes with observations[t]; what CrowdPlay recorded
+            # with step t (the RAM after it) is entry t + 1, and entry 0 is never recorded.
+            assert np.array_equal(got["ram"][1:], agent.ram)
+            assert np.array_equal(got["user_type"][1:], agent.user_types)
+            assert got["recorded"].tolist() == [False] + [True] * n
             assert ep_meta["source"] == episode.metadata.source
             assert ep_meta["final_observation"] == "repeat_last"
             kw = ep_meta["keyword_data"][agent.agent_id]
@@ -149,9 +153,9 @@ def test_minari_cli_lists_and_shows_datasets(converted):
 
     listing = minari_cli("list", "local")
     assert listing.returncode == 0, listing.stderr
-    assert "crowdplay/space_invaders/insideout-player_0-v0" in listing.stdout
-    assert "crowdplay/space_invaders_2p/cooperative-player_1-v0" in listing.stdout
-    show = minari_cli("show", "crowdplay/space_invaders/insideout-player_0-v0")
+    assert "crowdplay/space_invaders/insideout-player_0-v1" in listing.stdout
+    assert "crowdplay/space_invaders_2p/cooperative-player_1-v1" in listing.stdout
+    show = minari_cli("show", "crowdplay/space_invaders/insideout-player_0-v1")
     assert show.returncode == 0, show.stderr
     assert "CrowdPlay" in show.stdout
 
@@ -171,7 +175,7 @@ def test_recover_environments(converted):
 
     root, _ = converted
     os.environ["MINARI_DATASETS_PATH"] = str(root)
-    ds = minari.load_dataset("crowdplay/space_invaders/insideout-player_0-v0")
+    ds = minari.load_dataset("crowdplay/space_invaders/insideout-player_0-v1")
     env = ds.recover_environment()
     obs, _ = env.reset(seed=0)
     assert obs.shape == (210, 160, 3) and env.action_space.n == ds.action_space.n == 6
@@ -195,7 +199,7 @@ def test_episode_attributes_keep_every_metadata_value(converted, raw_sample_bz2)
 
     root, _ = converted
     raw = RawDataset(raw_sample_bz2)
-    path = root / "crowdplay/space_invaders_ai/competitive-player_0-v0/data/main_data.hdf5"
+    path = root / "crowdplay/space_invaders_ai/competitive-player_0-v1/data/main_data.hdf5"
     with h5py.File(path, "r") as f:
         flat = decode_attributes(dict(f["episode_0"].attrs))
     meta = raw.metadata()[flat["crowdplay_episode_id"]]

@@ -54,7 +54,7 @@ def data(converted_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     # riverraid first: the game-over episode then sits before the others in the buffer
     data.episodes.sort(key=lambda e: (e.game != "riverraid", -e.num_steps))
     assert [(e.game, e.num_steps, e.metadata["ended_by"]) for e in data] == [
-        ("riverraid", 935, "game_over"),
+        ("riverraid", 932, "game_over"),
         ("space_invaders", 1000, "session_stopped"),
         ("space_invaders", 666, "session_stopped"),
     ]
@@ -149,7 +149,7 @@ def test_prestacked_observations_without_d3rlpy_stacking(data: CrowdPlayDataset)
         to_replay_buffer([], PRESET)
 
 
-@pytest.mark.parametrize("offset", [0, 2])
+@pytest.mark.parametrize("offset", [0, 3])
 def test_compat_mode_still_ends_every_episode_once(data: CrowdPlayDataset, offset: int) -> None:
     config = ProcessingConfig.d3rlpy_preset(downsample_offset=offset, crowdplay_compat=True)
     arrays = to_arrays(data, config)
@@ -159,9 +159,9 @@ def test_compat_mode_still_ends_every_episode_once(data: CrowdPlayDataset, offse
     assert not np.any(arrays["terminals"] * arrays["timeouts"])
     buffer = to_replay_buffer(data, config, n_frames=N_FRAMES)
     assert [e.size() for e in buffer.episodes] == lengths
-    # riverraid's game-over frame (934) is on phase 2: kept by offset 2, dropped by offset 0
+    # riverraid's game-over frame (931) is on phase 3: kept by offset 3, dropped by offset 0
     # (then the episode still ends there, as a timeout)
-    assert buffer.episodes[0].terminated == (offset == 2)
+    assert buffer.episodes[0].terminated == (offset == 3)
     assert not buffer.episodes[1].terminated and not buffer.episodes[2].terminated
     for episode, d3_episode in zip(data, buffer.episodes, strict=True):
         observations, actions, rewards, _ = episode.get_processed_trajectory(

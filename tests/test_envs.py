@@ -9,14 +9,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import ale_py
 import gymnasium as gym
 import numpy as np
 import pytest
-from ale_py import roms
 from gymnasium.envs.registration import EnvSpec
 
 import crowdplay_minari
+from crowdplay_minari.emulator import CrowdPlayEmulator
 from crowdplay_minari.envs import (
     EVAL_ENV_IDS,
     GAME_ROMS,
@@ -54,30 +53,25 @@ class Recording:
     game_over: bool
 
 
-def record(rom: str, policy, max_frames: int, seed: int = SEED) -> Recording:
-    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
-    ale = ale_py.ALEInterface()
-    ale.setInt("random_seed", seed)
-    ale.setFloat("repeat_action_probability", 0.0)
-    ale.setInt("frame_skip", 1)
-    ale.loadROM(str(roms.get_rom_path(rom)))
-    ale.reset_game()
-    minimal = ale.getMinimalActionSet()
+def record(game: str, policy, max_frames: int, seed: int = SEED) -> Recording:
+    """Play `policy` in CrowdPlay's emulator set-up, as CrowdPlay recorded participants."""
+    emulator = CrowdPlayEmulator(game, seed=seed)
+    emulator.reset()
     frames, actions, rewards, ram, lives = [], [], [], [], []
-    while len(frames) < max_frames and not ale.game_over():
+    while len(frames) < max_frames and not emulator.game_over():
         action = policy(len(frames))
-        frames.append(ale.getScreenRGB())
+        frames.append(emulator.screen())
         actions.append(action)
-        rewards.append(ale.act(minimal[action]))
-        ram.append(ale.getRAM())
-        lives.append(ale.lives())
+        rewards.append(emulator.act([action])[0])
+        ram.append(emulator.ram())
+        lives.append(emulator.lives()[0])
     return Recording(
         np.stack(frames),
         np.array(actions, dtype=np.int64),
         np.array(rewards, dtype=np.int64),
         np.stack(ram),
         np.array(lives),
-        bool(ale.game_over()),
+        emulator.game_over(),
     )
 
 
@@ -156,7 +150,7 @@ def test_env_observations_and_rewards_equal_the_loaders(
     name: str, space_invaders_recording: Recording
 ) -> None:
     config = CONFIGS[name]
-    env = CrowdPlayAtariEnv("space_invaders", config, seed=SEED)
+    env = CrowdPlayAtariEnv("space_invaders", config, seed=SEED, noop_max=0)
     ends = replay(env, space_invaders_recording, config)
     assert not any(terminated or truncated for terminated, truncated in ends)
 
@@ -166,7 +160,7 @@ def test_env_terminates_at_game_over_like_the_loader(
     name: str, breakout_game_over: Recording
 ) -> None:
     config = CONFIGS[name]
-    env = CrowdPlayAtariEnv("breakout", config, seed=SEED, max_episode_frames=100_000)
+    env = CrowdPlayAtariEnv("breakout", config, seed=SEED, max_episode_frames=100_000, noop_max=0)
     ends = replay(env, breakout_game_over, config)
     assert ends[-1] == (True, False)
     assert not any(terminated or truncated for terminated, truncated in ends[:-1])
@@ -208,7 +202,7 @@ def test_expected_shapes() -> None:
 
 
 def test_reset_observation_is_the_first_screen_over_black_history() -> None:
-    env = CrowdPlayAtariEnv("space_invaders", seed=0, render_mode="rgb_array")
+    env = CrowdPlayAtariEnv("space_invaders", seed=0, render_mode="rgb_array", noop_max=0)
     observation, _ = env.reset()
     # Stack of 4: three black slots, then the first screen.
     assert (observation[..., :3] == 0).all()
@@ -222,14 +216,15 @@ def test_gym_make_registered_id_with_processing_options() -> None:
     assert env.observation_space.shape == (84, 84, 1)
     env.reset(seed=0)
     _, _, _, _, info = env.step(1)
-    assert (info["raw_reward_frames"], info["frame_number"]) == (4, 4)
+    assert info["raw_reward_frames"] == 4  # after the protocol's no-op start of 4-frame steps
+    assert info["frame_number"] == 4 * (info["noop_steps"] + 1)
     env.close()
 
 
 @pytest.mark.parametrize("game", sorted(GAME_ROMS))
 def test_every_game_matches_the_collection_env_actions(game: str) -> None:
     rom = rom_for_game(game)
-    env = gym.make(EVAL_ENV_IDS[rom])
+    env = gym.make(EVAL_ENV_IDS[game])
     collection = gym.make(collection_env_spec(game))
     assert env.unwrapped.rom == rom
     assert env.action_space == collection.action_space
@@ -240,7 +235,7 @@ def test_collection_env_is_the_raw_60hz_game() -> None:
     collection = gym.make(collection_env_spec("space_invaders"))
     assert collection.action_space == gym.spaces.Discrete(6)
     assert collection.observation_space.shape == (210, 160, 3)
-    eval_env = CrowdPlayAtariEnv("space_invaders", seed=0, render_mode="rgb_array")
+    eval_env = CrowdPlayAtariEnv("space_invaders", seed=0, render_mode="rgb_array", noop_max=0)
     screen, _ = collection.reset(seed=0)
     eval_env.reset()
     np.testing.assert_array_equal(screen, eval_env.render())
@@ -256,7 +251,9 @@ def test_eval_env_spec_round_trips_through_json_in_a_fresh_process() -> None:
     config = ProcessingConfig.d3rlpy_preset(scale=True)
     spec = EnvSpec.from_json(eval_env_spec("space_invaders_2p", config).to_json())
     assert spec.kwargs["game"] == "space_invaders_2p"
-    assert ProcessingConfig(**{k: v for k, v in spec.kwargs.items() if k != "game"}) == config
+    fields = set(ProcessingConfig.__dataclass_fields__)
+    assert ProcessingConfig(**{k: v for k, v in spec.kwargs.items() if k in fields}) == config
+    assert spec.kwargs["player"] == 0 and spec.max_episode_steps == 27_000
 
     env = gym.make(spec)
     assert env.unwrapped.processing == config
@@ -310,7 +307,11 @@ def test_same_seed_same_episode_and_reset_clears_history() -> None:
 
 def test_truncates_at_max_episode_frames() -> None:
     env = CrowdPlayAtariEnv(
-        "space_invaders", ProcessingConfig.d3rlpy_preset(), seed=0, max_episode_frames=50
+        "space_invaders",
+        ProcessingConfig.d3rlpy_preset(),
+        seed=0,
+        max_episode_frames=50,
+        noop_max=0,
     )
     env.reset()
     ends, raw_frames = [], []
@@ -329,10 +330,10 @@ def test_truncates_at_max_episode_frames() -> None:
 
 
 def test_info_ram_is_a_copy() -> None:
-    env = CrowdPlayAtariEnv("space_invaders", seed=0)
+    env = CrowdPlayAtariEnv("space_invaders", seed=0, noop_max=0)
     _, info = env.reset()
     assert info["ram"].shape == (128,) and info["ram"].dtype == np.uint8
-    assert info["lives"] == 3
+    assert info["lives"] == 2  # CrowdPlay's emulator counts Space Invaders' lives 2 .. -1
     ram = env.ale.getRAM().copy()
     assert ram.any()
     info["ram"][:] = 0
@@ -369,5 +370,5 @@ def test_argument_errors() -> None:
 def test_rom_for_game() -> None:
     assert rom_for_game("space_invaders_ai") == "space_invaders"
     assert rom_for_game("montezuma_revenge") == "montezuma_revenge"
-    assert sorted(EVAL_ENV_IDS) == sorted(set(GAME_ROMS.values()))
+    assert sorted(EVAL_ENV_IDS) == sorted(GAME_ROMS)
     assert all(env_id in gym.registry for env_id in EVAL_ENV_IDS.values())

@@ -113,7 +113,7 @@ def _one(data: CrowdPlayDataset, **conditions) -> EpisodeView:
 
 
 def _game_over_episode(data: CrowdPlayDataset) -> EpisodeView:
-    """The sample's one episode that ends by game over (riverraid, 935 frames)."""
+    """The sample's one episode that ends by game over (riverraid, 932 frames)."""
     return _one(data, predicate=lambda e: e.metadata["ended_by"] == "game_over")
 
 
@@ -130,21 +130,21 @@ def _cache_files(cache_dir: Path) -> list[Path]:
 
 
 def test_load_by_id(minari_root: Path, raw: RawDataset) -> None:
-    data = load_dataset("crowdplay/riverraid/plain-player_0-v0")
+    data = load_dataset("crowdplay/riverraid/plain-player_0-v1")
     assert len(data) == 1
     (episode,) = data
-    assert episode.dataset_id == "crowdplay/riverraid/plain-player_0-v0"
+    assert episode.dataset_id == "crowdplay/riverraid/plain-player_0-v1"
     assert episode.game == "riverraid" and episode.agent_id == P0
     expected = next(m for m in raw.metadata().values() if m.game == "riverraid")
     assert episode.episode_id == expected.episode_id
-    assert episode.num_steps == data.total_steps == 935
+    assert episode.num_steps == data.total_steps == 932
 
 
 def test_load_by_list_keeps_order_and_drops_repeats(minari_root: Path) -> None:
     ids = [
-        "crowdplay/space_invaders_2p/cooperative-player_1-v0",
-        "crowdplay/qbert/plain-player_0-v0",
-        "crowdplay/space_invaders_2p/cooperative-player_1-v0",
+        "crowdplay/space_invaders_2p/cooperative-player_1-v1",
+        "crowdplay/qbert/plain-player_0-v1",
+        "crowdplay/space_invaders_2p/cooperative-player_1-v1",
     ]
     data = load_dataset(ids)
     assert [e.dataset_id for e in data] == ids[:2]
@@ -169,8 +169,8 @@ def test_load_by_namespace(minari_root: Path, raw: RawDataset) -> None:
 
 
 def test_unknown_ids_and_namespaces_raise_clear_errors(minari_root: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"crowdplay/pong/plain-player_0-v0"):
-        load_dataset("crowdplay/pong/plain-player_0-v0")
+    with pytest.raises(FileNotFoundError, match=r"crowdplay/pong/plain-player_0-v1"):
+        load_dataset("crowdplay/pong/plain-player_0-v1")
     with pytest.raises(ValueError, match=r"'crowdplay/pong'"):
         load_dataset("crowdplay/pong")
     with pytest.raises(ValueError, match=r"'nothing_here'"):
@@ -204,7 +204,7 @@ def test_timedelta_and_datetime_types_are_restored(data: CrowdPlayDataset) -> No
     episode = _game_over_episode(data)
     stats = episode.keyword_data[P0]
     assert isinstance(stats["Time played"], dt.timedelta)
-    assert stats["Time played"] == dt.timedelta(seconds=935 // 60)
+    assert stats["Time played"] == dt.timedelta(seconds=932 // 60)
     assert isinstance(stats["Active playtime"], dt.timedelta)
     assert isinstance(episode.keyword_data["all"]["created_on"], dt.datetime)
     assert isinstance(episode.environment.keyword_data["all"]["created_on"], dt.datetime)
@@ -219,7 +219,8 @@ def test_two_player_episode_shares_its_id_and_finds_its_partner(data: CrowdPlayD
     assert p0.partner(P1) is p1 and p1.partner(P0) is p0
     assert p0.partner(P0) is p0
     assert data.by_episode_id[p0.episode_id] == [p0, p1]
-    assert p0.keyword_data[P0]["Score"] == 640 and p1.keyword_data[P1]["Score"] == 235
+    # a co-operative game: CrowdPlay's co-op wrapper gave both players the shared reward
+    assert p0.keyword_data[P0]["Score"] == p1.keyword_data[P1]["Score"] == 875
     # a subset still reaches partners that were filtered out
     only_p0 = data.filter(agent=P0, game="space_invaders_2p")
     assert only_p0[0].partner(P1) is p1
@@ -227,7 +228,7 @@ def test_two_player_episode_shares_its_id_and_finds_its_partner(data: CrowdPlayD
     with pytest.raises(KeyError, match=single.episode_id):
         single.partner(P1)
     # the partner's dataset has to be loaded for partner() to find it
-    alone = load_dataset("crowdplay/space_invaders_2p/cooperative-player_0-v0")
+    alone = load_dataset("crowdplay/space_invaders_2p/cooperative-player_0-v1")
     with pytest.raises(KeyError, match="load that player's dataset"):
         alone[0].partner(P1)
 
@@ -281,10 +282,10 @@ def test_filter_by_score(data: CrowdPlayDataset, raw: RawDataset) -> None:
 
     selected = data.filter(min_score=100)
     assert _keys(selected) == _expected(raw, lambda m, a: score(m, a) >= 100)
-    assert len(selected) == 5  # qbert 100 (inclusive), riverraid 180, 2p 640 / 235, AI-game 430
+    assert len(selected) == 5  # qbert 150, riverraid 150, co-op 2p 875 / 875 (shared), AI 430
     between = data.filter(min_score=45, max_score=85)
     assert _keys(between) == _expected(raw, lambda m, a: 45 <= score(m, a) <= 85)
-    assert sorted(e.score for e in between) == [45, 55, 85]
+    assert sorted(e.score for e in between) == [50, 60, 70]
     # CrowdPlay's list comprehension gives the same
     crowdplay_style = [
         e
@@ -296,7 +297,7 @@ def test_filter_by_score(data: CrowdPlayDataset, raw: RawDataset) -> None:
     assert (
         crowdplay_style == data.filter(game="space_invaders", source="mturk", min_score=50).episodes
     )
-    assert len(crowdplay_style) == 2
+    assert len(crowdplay_style) == 3
 
 
 def test_filter_by_human_fraction(data: CrowdPlayDataset) -> None:
@@ -325,7 +326,8 @@ def test_filter_by_keyword_bounds(data: CrowdPlayDataset, raw: RawDataset) -> No
     # a statistic the episode does not have excludes it
     aliens = data.filter(keyword={"Correct aliens shot (fraction)": (0.0, None)})
     assert [e.task for e in aliens] == ["insideout"]
-    assert len(data.filter(keyword={"Correct aliens shot (fraction)": (None, 0.99)})) == 0
+    assert len(data.filter(keyword={"Correct aliens shot (fraction)": (None, 0.79)})) == 0
+    assert len(data.filter(keyword={"Correct aliens shot (fraction)": (0.8, 0.8)})) == 1
     both = data.filter(keyword={"Score": (100, 300), "Time played": (15, 15)})
     assert _keys(both) == _expected(
         raw,
@@ -344,9 +346,10 @@ def test_filter_by_keyword_bounds(data: CrowdPlayDataset, raw: RawDataset) -> No
 def test_filter_by_task_adherence(data: CrowdPlayDataset) -> None:
     with_statistic = {e.task for e in data if e.task_adherence is not None}
     assert with_statistic == {"insideout", "left"}
-    assert _one(data, task="insideout").task_adherence == 1.0
-    # tasks without an adherence statistic always pass
-    assert _keys(data.filter(min_task_adherence=0.9)) == _keys(data)
+    assert _one(data, task="insideout").task_adherence == 0.8
+    # tasks without an adherence statistic always pass; bounds are inclusive
+    lowest = min(e.task_adherence for e in data if e.task_adherence is not None)
+    assert _keys(data.filter(min_task_adherence=lowest)) == _keys(data)
     assert {e.task for e in data.filter(min_task_adherence=1.5)} == {
         "plain",
         "cooperative",
@@ -375,9 +378,9 @@ def test_filter_by_task_adherence(data: CrowdPlayDataset) -> None:
 def test_filter_by_predicate_and_chaining(data: CrowdPlayDataset) -> None:
     long = data.filter(lambda e: e.num_steps >= 1000)
     assert all(e.num_steps >= 1000 for e in long)
-    assert len(long) == 8  # all but the 935-frame riverraid and the 666-frame plain episode
+    assert len(long) == 8  # all but the 932-frame riverraid and the 666-frame plain episode
     chained = long.filter(game="space_invaders").filter(min_score=50)
-    assert sorted((e.task, e.score) for e in chained) == [("insideout", 85.0), ("plain", 55.0)]
+    assert sorted((e.task, e.score) for e in chained) == [("insideout", 60.0), ("plain", 70.0)]
     combined = data.filter(lambda e: e.num_steps >= 1000, game="space_invaders", min_score=50)
     assert combined.episodes == chained.episodes
 
@@ -465,8 +468,8 @@ def test_filter_and_table_scale_to_ten_thousand_episodes(data: CrowdPlayDataset)
 # -- processed trajectories ----------------------------------------------------------------------
 
 # (name, options): warp on/off, scale, stack 1/4, max 1/2, skip 1/4, odd warp sizes, downsampling
-# 1/3/4 with several offsets (the riverraid episode has 935 frames: its last frame, 934, is on
-# phase 2 of 4 and phase 1 of 3, where compat mode keeps the game-over flag), axis first.
+# 1/3/4 with several offsets (the riverraid episode has 932 frames: its last frame, 931, is on
+# phase 3 of 4 and phase 1 of 3, where compat mode keeps the game-over flag), axis first.
 COMPAT_CASES: list[tuple[str, dict]] = [
     ("default", {}),
     ("d3rlpy_o0", dict(framestack_axis_first=True, downsample_frequency=4, stack_n=1)),
@@ -746,7 +749,7 @@ def test_raw_trajectory_equals_the_raw_step_dicts(
 def test_raw_trajectory_of_a_lone_dataset_has_only_its_agent(
     minari_root: Path, raw_source: RawSource
 ) -> None:
-    (p1,) = load_dataset("crowdplay/space_invaders_2p/cooperative-player_1-v0")
+    (p1,) = load_dataset("crowdplay/space_invaders_2p/cooperative-player_1-v1")
     steps = p1.get_raw_trajectory()
     raw_steps = raw_source.steps(p1.episode_id)
     assert set(steps[0]["prev_obs"]) == {P1}

@@ -30,8 +30,8 @@ from crowdplay_minari.benchmarks.offline_atari import (
 )
 from crowdplay_minari.games import game_info
 
-INSIDEOUT = "crowdplay/space_invaders/insideout-player_0-v0"
-RIVERRAID = "crowdplay/riverraid/plain-player_0-v0"
+INSIDEOUT = "crowdplay/space_invaders/insideout-player_0-v1"
+RIVERRAID = "crowdplay/riverraid/plain-player_0-v1"
 
 
 # -- dataset specs ---------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def test_dataset_spec_parses_sorts_and_normalises_filters() -> None:
     assert spec == DatasetSpec.parse(f"{INSIDEOUT}:min_score=50.0,min_task_adherence=.8")
     assert spec.filter_arguments() == {"min_score": 50.0, "min_task_adherence": 0.8}
     assert spec.slugs == (
-        "crowdplay-space_invaders-insideout-player_0-v0",
+        "crowdplay-space_invaders-insideout-player_0-v1",
         "min_score50_min_task_adherence0.8",
     )
     plain = DatasetSpec.parse(RIVERRAID)
@@ -124,7 +124,7 @@ def test_yaml_grid_file_gives_a_grid_config(tmp_path: Path) -> None:
     assert grid.eval_episodes == 10  # not in the file: CrowdPlay's default
     cells = grid.cells()
     assert len(cells) == 2 * 2 * 2
-    assert cells[0].name == "bc__crowdplay-riverraid-plain-player_0-v0__min_score50__seed3"
+    assert cells[0].name == "bc__crowdplay-riverraid-plain-player_0-v1__min_score50__seed3"
     assert {c.batch_size for c in cells} == {64}
 
 
@@ -388,8 +388,8 @@ def test_smoke_grid_trains_evaluates_and_reports(smoke_run: tuple[Path, float]) 
     aggregate_table = pd.read_csv(out / "aggregate.csv")
     assert len(aggregate_table) == 4 and set(aggregate_table["n_seeds"]) == {1}
     summary = (out / "summary.md").read_text()
-    assert "| bc | space_invaders/insideout-player_0-v0 | 1 |" in summary
-    assert "riverraid/plain-player_0-v0 [min_score=50]" in summary
+    assert "| bc | space_invaders/insideout-player_0-v1 | 1 |" in summary
+    assert "riverraid/plain-player_0-v1 [min_score=50]" in summary
     assert "## Failed cells\n\nNone." in summary
     for name in ("learning_curves.png", "bars.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,8 +5,8 @@ Run::
     crowdplay-minari bench --preset smoke        # the pipeline in minutes, on a CPU
     crowdplay-minari bench --preset paper --device cuda:0 --workers 4
     crowdplay-minari bench --algorithms bc,cql --seeds 0,1 --steps 50000 \\
-        --datasets crowdplay/riverraid/plain-player_0-v0:min_score=50 \\
-            'crowdplay/space_invaders/insideout-player_0-v0:min_score=50,min_task_adherence=0.8' \\
+        --datasets crowdplay/riverraid/plain-player_0-v1:min_score=50 \\
+            'crowdplay/space_invaders/insideout-player_0-v1:min_score=50,min_task_adherence=0.8' \\
         --out runs/mine
     python -m crowdplay_minari.benchmarks.offline_atari ...    # the same flags
 

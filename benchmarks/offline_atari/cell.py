@@ -50,7 +50,7 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
     import d3rlpy
 
     from crowdplay_minari.d3rlpy_bridge import kept_frames, split_episodes, to_replay_buffer
-    from crowdplay_minari.games import human_normalized_score, num_actions
+    from crowdplay_minari.games import game_info, human_normalized_score, num_actions
     from crowdplay_minari.processing import ProcessingConfig
 
     d3rlpy.seed(cell.seed)
@@ -65,6 +65,11 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
     game = games[0]
     tasks = sorted({e.task for e in episodes})
     task = tasks[0] if len(tasks) == 1 else None
+    # Two-player data is evaluated in the two-player game, as the player the data recorded,
+    # beside a partner that does nothing (named in results.csv).
+    players = sorted({int(e.agent_id.rsplit("_", 1)[-1]) for e in episodes})
+    player = players[0] if len(players) == 1 else 0
+    partner = "noop" if game_info(game).two_player else ""
     train, test = split_episodes(episodes, test_size=cell.test_size, seed=cell.seed)
     buffer = to_replay_buffer(
         train, processing, n_frames=cell.n_frames, action_size=num_actions(game)
@@ -115,6 +120,7 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
         algo,
         game,
         task,
+        player=player,
         n_frames=cell.n_frames,
         max_frames=cell.eval_max_frames,
         noop_max=cell.eval_noop_max,
@@ -160,6 +166,8 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
     summary = {
         "game": game,
         "task": task,
+        "player": player,
+        "partner": partner,
         "eval_return": eval_return,
         "eval_return_std": float(returns.std()),
         "human_normalized": float(human_normalized_score(game, eval_return)),
@@ -309,7 +317,8 @@ def run_cell(cell: Cell, cells_root: str | Path) -> dict[str, Any]:
 RESULT_COLUMNS = (
     "algorithm", "dataset", "filter", "seed", "steps", "eval_return", "eval_return_std",
     "human_normalized", "relative_to_dataset", "task_adherence", "n_train_episodes",
-    "n_train_steps", "wall_seconds", "status", "game", "task", "dataset_score_mean",
+    "n_train_steps", "wall_seconds", "status", "game", "task", "player", "partner",
+    "dataset_score_mean",
     "n_test_episodes", "eval_episodes", "cell", "error",
 )  # fmt: skip
 

@@ -38,6 +38,7 @@ def play_episodes(
     game: str,
     task: str | None,
     *,
+    player: int = 0,
     n_frames: int,
     episodes: int,
     max_frames: int,
@@ -45,7 +46,8 @@ def play_episodes(
     seed: int,
     stream: int = 0,
 ) -> list[dict[str, Any]]:
-    """Play `episodes` greedy episodes of `algo` in `CrowdPlayAtariEnv` (d3rlpy preset).
+    """Play `episodes` greedy episodes of `algo` in `CrowdPlayAtariEnv` (d3rlpy preset), as
+    `player` of two-player games (its partner idle).
 
     Episode `i` resets ALE with a seed from `(seed, stream, i)` and starts with that many
     random NOOP steps (0..`noop_max`); `stream` separates the final evaluation (0) from the
@@ -57,7 +59,16 @@ def play_episodes(
     from crowdplay_minari.statistics import running_statistics
 
     processing = ProcessingConfig.d3rlpy_preset()
-    env = CrowdPlayAtariEnv(game, processing, max_episode_frames=max_frames, seed=0)
+    # The runner draws its own no-op starts (logged per episode), so the env adds none.
+    env = CrowdPlayAtariEnv(
+        game,
+        processing,
+        player=player,
+        task=task,
+        max_episode_frames=max_frames,
+        seed=0,
+        noop_max=0,
+    )
     stack = FrameStack(n_frames, processing.observation_shape())
     adherence_key = task_adherence_key(game, task) if task else None
     results = []

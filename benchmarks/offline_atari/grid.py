@@ -32,7 +32,7 @@ FILTER_KEYS = _LIST_FILTERS + _NUMBER_FILTERS
 class DatasetSpec:
     """A selection of episodes: a Minari dataset id or namespace and filters, written
     `DATASET[:key=value,...]`, e.g.
-    `crowdplay/space_invaders/insideout-player_0-v0:min_score=50,min_task_adherence=0.8` or
+    `crowdplay/space_invaders/insideout-player_0-v1:min_score=50,min_task_adherence=0.8` or
     `crowdplay/space_invaders:task_id=space_invaders_left|space_invaders_right,agent=player_0`.
 
     Filters are those of `CrowdPlayDataset.filter` (`game`, `task`, `source`, `agent`,
