@@ -11,7 +11,9 @@ import errno
 import sys
 from collections.abc import Sequence
 
+from crowdplay_minari import files
 from crowdplay_minari.cli import (
+    EXIT_BUSY,
     EXIT_DISK_FULL,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -89,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(prog, str(error), EXIT_USAGE)
     except KeyboardInterrupt:
         return fail(prog, "interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
+    except files.OutputInUse as error:
+        return fail(prog, str(error), EXIT_BUSY)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             return fail(prog, f"disk full: {error}", EXIT_DISK_FULL)

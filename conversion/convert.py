@@ -65,6 +65,7 @@ from .layout import (
 )
 
 STAGING_DIR = ".crowdplay-staging"
+LOCK_NAME = ".crowdplay-convert.lock"
 REPORT_NAME = "conversion_report.json"
 
 
@@ -395,10 +396,18 @@ class ConversionReport:
 
 
 def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> ConversionReport:
-    """Run (or resume) a conversion; returns the report, also written next to the datasets."""
-    started = time.perf_counter()
+    """Run (or resume) a conversion; returns the report, also written next to the datasets.
+
+    One conversion per datasets root at a time: a second one into the same root stops at once
+    with `files.OutputInUse` (its staging and publishing would interleave with the first's)."""
     root = datasets_root(config.root)
     root.mkdir(parents=True, exist_ok=True)
+    with files.exclusive(root / LOCK_NAME, f"datasets into {root}"):
+        return _convert(config, root, log)
+
+
+def _convert(config: ConversionConfig, root: Path, log: Callable[[str], None]) -> ConversionReport:
+    started = time.perf_counter()
     staging = root / STAGING_DIR
     for tmp in staging.glob("episodes/*/*.tmp"):
         tmp.unlink()  # left by a killed run

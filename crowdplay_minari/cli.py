@@ -24,6 +24,8 @@ EXIT_SKIPPED = 4
 """Done, but some inputs were skipped (named in the output and the conversion report)."""
 EXIT_DISK_FULL = 5
 """The disk filled up; what was published before stays intact, rerun with space to finish."""
+EXIT_BUSY = 6
+"""Another run is writing the same output (datasets root, grid directory); nothing was touched."""
 EXIT_INTERRUPTED = 130
 
 EXIT_STATUSES = """exit status:
@@ -33,6 +35,7 @@ EXIT_STATUSES = """exit status:
   3    verification mismatch (verify, convert --verify)
   4    done, but some inputs were skipped (listed in the output)
   5    disk full (published datasets are intact; rerun with more space)
+  6    another run is writing the same output (wait for it, or choose another)
   130  interrupted (rerun the same command to resume)"""
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .games import num_actions
+from .games import num_actions, rom_for_game
 from .loading import CrowdPlayDataset, EpisodeView
 from .processing import ProcessingConfig, kept_frame_indices
 
@@ -97,8 +97,12 @@ def to_replay_buffer(
     *,
     n_frames: int = 4,
     action_size: int | None = None,
+    mixed_action_sets: bool = False,
 ):
     """A d3rlpy `ReplayBuffer` (an `MDPDataset`) of the processed episodes.
+
+    Episodes of games with different minimal action sets (different ROMs: an action index means
+    another key in each) are refused unless `mixed_action_sets=True` says that is meant.
 
     With `n_frames > 1` (and `stack_n=1` processing, as in the d3rlpy preset) observations are
     stacked by d3rlpy's frame-stack picker and slicer: `(n_frames, 84, 84)` at sampling time.
@@ -114,6 +118,13 @@ def to_replay_buffer(
     episodes = list(episodes)
     if not episodes:
         raise ValueError("no episodes to put in a replay buffer")
+    roms = sorted({rom_for_game(e.game) for e in episodes})
+    if len(roms) > 1 and not mixed_action_sets:
+        raise ValueError(
+            f"the episodes come from games with different action sets ({', '.join(roms)}): "
+            "action i is another key in each; select one game (e.g. filter(game=...)), or pass "
+            "mixed_action_sets=True if that is meant"
+        )
     if action_size is None:
         action_size = max(num_actions(e.game) for e in episodes)
     arrays = to_arrays(episodes, config)

@@ -13,9 +13,11 @@ reader keeps every line it can parse and says which ones it could not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +90,35 @@ def read_jsonl(path: Path) -> tuple[list[Any], str | None]:
     if not bad:
         return values, None
     return values, f"{path}: skipped unreadable line(s) {', '.join(map(str, bad))}"
+
+
+class OutputInUse(RuntimeError):
+    """Another process holds the lock of an output (a datasets root, a grid directory)."""
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (an advisory `flock`, released when the process
+    ends, even by kill -9) while writing `what`; `OutputInUse` at once if another process holds
+    it. The lock file records the holder's pid, for the message."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise OutputInUse(
+                f"another run (pid {holder}) is writing {what}; wait for it to finish or choose "
+                f"another output (lock file {lock_path})"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -88,7 +88,7 @@ def test_kept_frames_counts_what_processing_keeps(data: CrowdPlayDataset) -> Non
 
 
 def test_replay_buffer_episodes_equal_processed_episodes(data: CrowdPlayDataset) -> None:
-    buffer = to_replay_buffer(data, PRESET, n_frames=N_FRAMES)
+    buffer = to_replay_buffer(data, PRESET, n_frames=N_FRAMES, mixed_action_sets=True)
     assert len(buffer.episodes) == len(data) == 3
     assert buffer.dataset_info.action_size == max(num_actions(e.game) for e in data) == 18
     for episode, d3_episode in zip(data, buffer.episodes, strict=True):
@@ -110,7 +110,7 @@ def test_replay_buffer_episodes_equal_processed_episodes(data: CrowdPlayDataset)
 
 
 def test_frame_stacked_transitions(data: CrowdPlayDataset) -> None:
-    buffer = to_replay_buffer(data, PRESET, n_frames=N_FRAMES)
+    buffer = to_replay_buffer(data, PRESET, n_frames=N_FRAMES, mixed_action_sets=True)
     picker = buffer.transition_picker
     for episode, d3_episode in zip(data, buffer.episodes, strict=True):
         frames = episode.process(PRESET).observations
@@ -139,14 +139,19 @@ def test_frame_stacked_transitions(data: CrowdPlayDataset) -> None:
 
 def test_prestacked_observations_without_d3rlpy_stacking(data: CrowdPlayDataset) -> None:
     config = ProcessingConfig(framestack_axis_first=True, downsample_frequency=4)
-    buffer = to_replay_buffer(data, config, n_frames=1)
+    buffer = to_replay_buffer(data, config, n_frames=1, mixed_action_sets=True)
     assert buffer.sample_transition().observation.shape == (4, 84, 84)
     for episode, d3_episode in zip(data, buffer.episodes, strict=True):
         assert np.array_equal(d3_episode.observations, episode.process(config).observations)
     with pytest.raises(ValueError, match="stack_n=1"):
-        to_replay_buffer(data, config, n_frames=4)
+        to_replay_buffer(data, config, n_frames=4, mixed_action_sets=True)
     with pytest.raises(ValueError, match="no episodes"):
         to_replay_buffer([], PRESET)
+    # riverraid's action 3 is another key than Space Invaders' action 3: not mixed unasked
+    with pytest.raises(ValueError, match="different action sets \\(riverraid, space_invaders\\)"):
+        to_replay_buffer(data, PRESET)
+    one_game = [e for e in data if e.game == "space_invaders"]
+    assert to_replay_buffer(one_game, PRESET).transition_count > 0
 
 
 @pytest.mark.parametrize("offset", [0, 3])
@@ -157,7 +162,7 @@ def test_compat_mode_still_ends_every_episode_once(data: CrowdPlayDataset, offse
     lengths = [kept_frames(e.num_steps, config) for e in data]
     assert ends.tolist() == (np.cumsum(lengths) - 1).tolist()
     assert not np.any(arrays["terminals"] * arrays["timeouts"])
-    buffer = to_replay_buffer(data, config, n_frames=N_FRAMES)
+    buffer = to_replay_buffer(data, config, n_frames=N_FRAMES, mixed_action_sets=True)
     assert [e.size() for e in buffer.episodes] == lengths
     # riverraid's game-over frame (931) is on phase 3: kept by offset 3, dropped by offset 0
     # (then the episode still ends there, as a timeout)
@@ -193,7 +198,7 @@ def test_to_arrays_allocates_observations_once(data: CrowdPlayDataset) -> None:
         assert arrays[key].dtype == dtype and arrays[key].shape == (len(observations),)
 
     # the buffer's episodes are views into one array: no copy per episode
-    buffer = to_replay_buffer(data, PRESET, n_frames=N_FRAMES)
+    buffer = to_replay_buffer(data, PRESET, n_frames=N_FRAMES, mixed_action_sets=True)
     first = buffer.episodes[0].observations
     root = first
     while root.base is not None:
@@ -229,7 +234,7 @@ def test_short_discrete_bc_training(data: CrowdPlayDataset, tmp_path: Path) -> N
 
     torch.manual_seed(0)
     train, test = split_episodes(data, test_size=0.34, seed=0)
-    buffer = to_replay_buffer(train, PRESET, n_frames=N_FRAMES)
+    buffer = to_replay_buffer(train, PRESET, n_frames=N_FRAMES, mixed_action_sets=True)
     action_size = buffer.dataset_info.action_size
     algo = d3rlpy.algos.DiscreteBCConfig(
         batch_size=32,
@@ -248,7 +253,9 @@ def test_short_discrete_bc_training(data: CrowdPlayDataset, tmp_path: Path) -> N
     assert all(np.isfinite(metrics["loss"]) for _, metrics in history)
     assert algo.impl is not None
     observations = (
-        to_replay_buffer(test, PRESET, n_frames=N_FRAMES).sample_transition_batch(1).observations
+        to_replay_buffer(test, PRESET, n_frames=N_FRAMES, mixed_action_sets=True)
+        .sample_transition_batch(1)
+        .observations
     )
     assert observations.shape == (1, N_FRAMES, 84, 84)
     action = algo.predict(observations)

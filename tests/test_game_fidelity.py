@@ -256,3 +256,25 @@ def test_ale_pys_own_set_up_is_another_game() -> None:
     ale_py_screens = _ale_py_recording("space_invaders", actions, seed=11)
     same = (crowdplay == ale_py_screens).all(axis=(1, 2, 3))
     assert same.mean() < 0.5
+
+
+@pytest.mark.parametrize(
+    "dataset_id",
+    [
+        "crowdplay/riverraid/plain-player_0-v1",
+        "crowdplay/space_invaders_2p/cooperative-player_1-v1",
+    ],
+)
+def test_d3rlpys_own_minari_loader_reads_our_datasets(converted_sample, monkeypatch, dataset_id):
+    """`d3rlpy.datasets.get_minari` needs `max_episode_steps` and an env for every dataset."""
+    import d3rlpy
+    import minari
+
+    root, _ = converted_sample
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    dataset, env = d3rlpy.datasets.get_minari(dataset_id)
+    steps = sum(len(e.actions) for e in minari.load_dataset(dataset_id).iterate_episodes())
+    assert dataset.transition_count >= steps - len(dataset.episodes)
+    assert env.spec.max_episode_steps == 108_000
+    observation, _ = env.reset(seed=0)
+    assert observation.shape == (210, 160, 3)

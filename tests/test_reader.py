@@ -610,9 +610,69 @@ def test_bad_ram_and_user_type_raise_schema_errors(
     steps = _first_steps(raw_sample, single_player_id)
     steps[7]["user_type"][P0] = 3
     _write_bz2(root / f"{single_player_id}.pickle.bz2", steps)
-    with pytest.raises(SchemaError, match="user_type must be 1 or 2") as info:
+    with pytest.raises(SchemaError, match=r"value outside \[1, 2\]: 3") as info:
         RawDataset(root).read_episode(single_player_id)
     assert (info.value.step, info.value.field) == (7, f"user_type.{P0}")
+
+
+def _set(field: str, value):
+    """A change to step 5 of a single-player trajectory."""
+
+    def change(step: dict) -> None:
+        if field == "action":
+            step["action"][P0]["game"] = value
+        elif field in ("reward", "done", "user_type"):
+            step[field][P0] = value
+        elif field == "ram":
+            step["info"][P0]["RAM"] = value
+        elif field == "lives":
+            step["info"][P0]["ale.lives"] = value
+        elif field == "step_iter":
+            step["step_iter"] = value
+        elif field == "action_step_iter":
+            step["action_step_iter"][P0] = value
+
+    return change
+
+
+STRICT_CASES = [  # (case, field, value, field named in the error)
+    ("action as a string", "action", "3", f"action.{P0}.game"),
+    ("action as a float", "action", 3.7, f"action.{P0}.game"),
+    ("negative action", "action", -5, f"action.{P0}.game"),
+    ("action as a bool", "action", True, f"action.{P0}.game"),
+    ("action outside the set", "action", 99, f"action.{P0}.game"),
+    ("NaN reward", "reward", float("nan"), f"reward.{P0}"),
+    ("infinite reward", "reward", float("inf"), f"reward.{P0}"),
+    ("reward as a string", "reward", "5", f"reward.{P0}"),
+    ("done as a string", "done", "False", f"done.{P0}"),
+    ("done as an int", "done", 2, f"done.{P0}"),
+    ("done as None", "done", None, f"done.{P0}"),
+    ("float RAM", "ram", [0.5] * 128, f"info.{P0}.RAM"),
+    ("lives as a string", "lives", "3", f"info.{P0}.ale.lives"),
+    ("lives as a float", "lives", 2.0, f"info.{P0}.ale.lives"),
+    ("user_type as a string", "user_type", "1", f"user_type.{P0}"),
+    ("user_type as a float", "user_type", 1.0, f"user_type.{P0}"),
+    ("step_iter as a string", "step_iter", "6", "step_iter"),
+    ("step_iter going back", "step_iter", 1, "step_iter"),
+    ("action_step_iter as a float", "action_step_iter", 4.5, f"action_step_iter.{P0}"),
+]
+
+
+@pytest.mark.parametrize(
+    "case, field, value, named", STRICT_CASES, ids=[c[0] for c in STRICT_CASES]
+)
+def test_bad_step_values_are_refused_by_file_step_and_field_never_coerced(
+    raw_sample: Path, single_player_id: str, tmp_path: Path, case, field, value, named
+) -> None:
+    root = _copy_dataset(raw_sample, tmp_path)
+    steps = _first_steps(raw_sample, single_player_id)
+    _set(field, value)(steps[5])
+    _write_bz2(root / f"{single_player_id}.pickle.bz2", steps)
+    with pytest.raises(SchemaError) as info:
+        RawDataset(root).read_episode(single_player_id)
+    assert info.value.field == named, case
+    assert info.value.step == 5, case
+    assert single_player_id in str(info.value)
 
 
 def _damage_db(root: Path, statement: str, params: tuple = ()) -> None:

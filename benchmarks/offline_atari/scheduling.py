@@ -3,12 +3,11 @@ the reports."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,19 +91,6 @@ def _run_cells(
             queue = []
 
 
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """One grid run per output directory at a time."""
-    import fcntl
-
-    with open(out / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise GridError(f"another run is using {out} (lock {out / '.lock'})") from None
-        yield
-
-
 def _result_of(cell: Cell, cells_root: Path) -> dict[str, Any]:
     """The cell's result.json, or a row saying why there is none (a torn file is named)."""
     result, problem = files.read_json(cells_root / cell.name / "result.json")
@@ -145,7 +131,7 @@ def run_grid(grid: GridConfig, *, log: Callable[[str], None] = print) -> list[di
     cells_root = out / "cells"
     cells_root.mkdir(parents=True, exist_ok=True)
     cells = grid.cells()
-    with _exclusive(out):
+    with files.exclusive(out / ".lock", f"the grid in {out}"):
         _check_identity(cells, cells_root)
         todo = [c for c in cells if not is_done(cells_root / c.name)]
         for cell in todo:

@@ -336,6 +336,88 @@ def _statistics(
     return columns, timedeltas
 
 
+_PLAIN = {True: {int}, False: {int, float}}
+"""Python types that need no closer look: ints (for integer fields) or ints and floats."""
+
+
+def _first_not(values: list, accepted: tuple[type, ...]) -> int | None:
+    """Index of the first value (or first step holding such a value) not of `accepted` types;
+    bools never count as numbers."""
+    for t, value in enumerate(values):
+        items = value if isinstance(value, list | tuple | np.ndarray) else (value,)
+        if isinstance(items, np.ndarray):
+            if items.dtype.kind not in ("iu" if int in accepted else "iuf"):
+                return t
+            continue
+        kinds = set(map(type, items))
+        if kinds <= _PLAIN[int in accepted]:
+            continue  # the common case, checked in C
+        for item in items:
+            if isinstance(item, bool | np.bool_) or not isinstance(item, accepted):
+                return t
+    return None
+
+
+def _integers(
+    values: list,
+    path: Path,
+    field: str,
+    *,
+    low: int | None = None,
+    high: int | None = None,
+    shape: tuple[int, ...] = (),
+) -> np.ndarray:
+    """`values` as an int64 array, or a `SchemaError` naming the step: every value a real int
+    (never a bool, float or string: nothing is coerced), inside [low, high], of `shape`."""
+    bad = _first_not(values, (int, np.integer))
+    if bad is not None:
+        raise SchemaError(
+            path, f"expected integers, found {values[bad]!r:.80}", step=bad, field=field
+        )
+    try:
+        array = np.asarray(values, dtype=np.int64)
+    except (ValueError, OverflowError) as exc:
+        raise SchemaError(path, f"expected integers ({exc})", field=field) from exc
+    if array.shape[1:] != shape:
+        raise SchemaError(
+            path, f"expected {shape or 'one value'} per step, found {array.shape[1:]}", field=field
+        )
+    for _bound, outside in ((low, array < low if low is not None else None),
+                            (high, array > high if high is not None else None)):  # fmt: skip
+        if outside is not None and outside.any():
+            t = int(np.flatnonzero(outside.reshape(len(array), -1).any(axis=1))[0])
+            allowed = f"[{'' if low is None else low}, {'' if high is None else high}]"
+            raise SchemaError(
+                path, f"value outside {allowed}: {values[t]!r:.80}", step=t, field=field
+            )
+    return array
+
+
+def _numbers(values: list, path: Path, field: str) -> np.ndarray:
+    """Rewards: real, finite numbers (int64 when all are ints, else float64), never coerced."""
+    bad = _first_not(values, (int, float, np.integer, np.floating))
+    if bad is not None:
+        raise SchemaError(
+            path, f"expected a number, found {values[bad]!r:.80}", step=bad, field=field
+        )
+    array = np.asarray(values)
+    if array.dtype.kind == "f":
+        infinite = np.flatnonzero(~np.isfinite(array))
+        if infinite.size:
+            t = int(infinite[0])
+            raise SchemaError(path, f"reward is {array[t]}", step=t, field=field)
+        return array.astype(np.float64)
+    return array.astype(np.int64)
+
+
+def _action_count(metadata: EpisodeMetadata) -> int:
+    """Size of the episode's minimal action set (18, the full set, for a game not catalogued)."""
+    from ..games import GAMES
+
+    info = GAMES.get(getattr(metadata, "game", None))
+    return 18 if info is None else info.num_actions
+
+
 def parse_steps(
     steps: list[dict],
     metadata: EpisodeMetadata,
@@ -363,7 +445,7 @@ def parse_steps(
                 path, f"agent {agent!r} not in the trajectory", step=0, field="prev_obs"
             )
 
-    step_iters = np.empty(n, dtype=np.int64)
+    step_iter_values: list = [None] * n
     frames: dict[str, np.ndarray | list] = {}
     shares_first: dict[str, bool] = {}
     columns: dict[str, dict[str, list]] = {
@@ -389,7 +471,7 @@ def parse_steps(
             if not isinstance(step, dict):
                 raise SchemaError(path, f"step is a {type(step).__name__}, not a dict", step=i)
             field = "step_iter"
-            step_iters[i] = step["step_iter"]
+            step_iter_values[i] = step["step_iter"]
             lead_image = None
             for agent in agent_ids:
                 field = f"prev_obs.{agent}.image"
@@ -442,46 +524,47 @@ def parse_steps(
 
     if not stack_frames:
         frames = {agent: StepFrames(arrays) for agent, arrays in frames.items()}
+    step_iters = _integers(step_iter_values, path, "step_iter")
+    backwards = np.flatnonzero(np.diff(step_iters) <= 0)
+    if backwards.size:
+        t = int(backwards[0]) + 1
+        raise SchemaError(
+            path,
+            f"step_iter must increase, found {step_iters[t - 1]} then {step_iters[t]}",
+            step=t,
+            field="step_iter",
+        )
+    n_actions = _action_count(metadata)
     trajectories = {}
     for agent in agent_ids:
         col = columns[agent]
-        try:
-            ram = np.asarray(col["ram"], dtype=np.int64)
-        except (ValueError, TypeError) as exc:
+        ram = _integers(col["ram"], path, f"info.{agent}.RAM", low=0, high=255, shape=(RAM_SIZE,))
+        rewards = _numbers(col["rewards"], path, f"reward.{agent}")
+        actions = _integers(col["actions"], path, f"action.{agent}.game", low=0, high=n_actions - 1)
+        dones = col["dones"]
+        not_bool = [t for t, d in enumerate(dones) if not isinstance(d, bool | np.bool_)]
+        if not_bool:
+            t = not_bool[0]
             raise SchemaError(
-                path, f"RAM is not a list of ints: {exc}", field=f"info.{agent}.RAM"
-            ) from exc
-        if ram.shape != (n, RAM_SIZE) or ram.min(initial=0) < 0 or ram.max(initial=0) > 255:
-            raise SchemaError(
-                path,
-                f"RAM must be {RAM_SIZE} bytes per step, found {ram.shape}",
-                field=f"info.{agent}.RAM",
+                path, f"done must be a bool, found {dones[t]!r}", step=t, field=f"done.{agent}"
             )
-        rewards = np.asarray(col["rewards"])
-        if rewards.dtype.kind not in "iufb":
-            raise SchemaError(path, "rewards are not numbers", field=f"reward.{agent}")
-        rewards = rewards.astype(np.float64 if rewards.dtype.kind == "f" else np.int64)
-        user_types = np.asarray(col["user_types"], dtype=np.int8)
-        bad = np.flatnonzero((user_types != 1) & (user_types != 2))
-        if bad.size:
-            raise SchemaError(
-                path,
-                f"user_type must be 1 or 2, found {user_types[bad[0]]}",
-                step=int(bad[0]),
-                field=f"user_type.{agent}",
-            )
+        user_types = _integers(col["user_types"], path, f"user_type.{agent}", low=1, high=2)
+        lives = _integers(col["lives"], path, f"info.{agent}.ale.lives", low=-1)
+        action_step_iters = _integers(
+            col["action_step_iters"], path, f"action_step_iter.{agent}", low=-1
+        )
         statistics, td1 = _statistics(steps, "episode_callables", agent, path)
         task_statistics, td2 = _statistics(steps, "task_callables", agent, path)
         trajectories[agent] = AgentTrajectory(
             agent_id=agent,
             frames=frames[lead] if agent == lead or shares_first[agent] else frames[agent],
-            actions=np.asarray(col["actions"], dtype=np.int64),
+            actions=actions,
             rewards=rewards,
-            dones=np.asarray(col["dones"], dtype=bool),
+            dones=np.asarray(dones, dtype=bool),
             ram=ram.astype(np.uint8),
-            lives=np.asarray(col["lives"], dtype=np.int64),
-            user_types=user_types,
-            action_step_iters=np.asarray(col["action_step_iters"], dtype=np.int64),
+            lives=lives,
+            user_types=user_types.astype(np.int8),
+            action_step_iters=action_step_iters,
             statistics=statistics,
             task_statistics=task_statistics,
             timedelta_statistics=frozenset(td1 | td2),
