@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import functools
 import json
 import os
@@ -281,6 +282,7 @@ def publish_dataset(root: Path, staging: Path, key: DatasetKey) -> dict:
     build = staging / "publish" / uuid.uuid4().hex / "dataset"
     data_path = build / DATA_DIR
     data_path.mkdir(parents=True)
+    _fault_point("started")
     (data_path / METADATA_FILE_NAME).write_text(
         _new_storage_metadata(key.game, key.agent_id, key.task)
     )
@@ -324,18 +326,73 @@ def publish_dataset(root: Path, staging: Path, key: DatasetKey) -> dict:
     storage.update_metadata(metadata)
     storage.update_metadata({"dataset_size": storage.get_size()})
 
-    # Swap into place: rename the old dataset aside, the new one in, then delete the old.
+    _fault_point("assembled")
+
+    # Swap into place. The dataset's path always holds a complete dataset, the old or the new:
+    # with an existing one the two directories are exchanged in one atomic rename
+    # (renameat2 RENAME_EXCHANGE); where the file system cannot, the old one is moved aside with
+    # a note naming its place, and a rerun puts it back if a crash came before the new one.
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    trash = staging / "trash" / uuid.uuid4().hex
-    if final_dir.exists():
+    if not final_dir.exists():
+        os.replace(build, final_dir)  # atomic: nothing was there
+    elif _exchange(build, final_dir):
+        _fault_point("exchanged")
+    else:
+        trash = staging / "trash" / uuid.uuid4().hex
         trash.parent.mkdir(parents=True, exist_ok=True)
+        files.write_text(trash.with_suffix(".for"), str(final_dir))
         os.replace(final_dir, trash)
-    os.replace(build, final_dir)
+        _fault_point("moved-aside")
+        os.replace(build, final_dir)
+    _fault_point("swapped")
     shutil.rmtree(build.parent, ignore_errors=True)
-    shutil.rmtree(trash, ignore_errors=True)
+    _fault_point("cleaned")
     for path in staged_files:
         path.unlink()
     return {"episodes": len(sources), "steps": total_steps}
+
+
+FAULT_ENV = "CROWDPLAY_MINARI_FAULT_AT"
+"""Test seam: the name of a publishing step at which the process kills itself (`os._exit`), as
+a power cut would; the fault-injection tests set it in a subprocess."""
+
+
+def _fault_point(name: str) -> None:
+    if os.environ.get(FAULT_ENV) == name:
+        os._exit(86)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic rename (Linux `renameat2(RENAME_EXCHANGE)`); False
+    where the system or file system cannot (the caller then moves the old one aside)."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    renameat2.argtypes += [ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _recover_swaps(staging: Path) -> None:
+    """Finish what a crash interrupted: an old dataset moved aside whose replacement never
+    arrived goes back to its path; half-assembled datasets are removed."""
+    for note in sorted((staging / "trash").glob("*.for")):
+        trash = note.with_suffix("")
+        final_dir = Path(note.read_text())
+        if trash.exists() and not final_dir.exists():
+            os.replace(trash, final_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+        note.unlink()
+    shutil.rmtree(staging / "publish", ignore_errors=True)
 
 
 def _ensure_namespaces(root: Path, namespace: str, games: Iterable[str]) -> None:
@@ -409,6 +466,7 @@ def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> Con
 def _convert(config: ConversionConfig, root: Path, log: Callable[[str], None]) -> ConversionReport:
     started = time.perf_counter()
     staging = root / STAGING_DIR
+    _recover_swaps(staging)
     for tmp in staging.glob("episodes/*/*.tmp"):
         tmp.unlink()  # left by a killed run
     raw = RawDataset(config.raw_dir)
