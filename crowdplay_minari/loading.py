@@ -48,7 +48,14 @@ from .processing import (
     compact_trajectory,
     read_all_frames,
 )
-from .storage import METADATA_FILE, dataset_dir, datasets_root, local_dataset_ids, main_data_path
+from .storage import (
+    METADATA_FILE,
+    check_self_contained,
+    dataset_dir,
+    datasets_root,
+    local_dataset_ids,
+    main_data_path,
+)
 
 CACHE_ENV = "CROWDPLAY_MINARI_CACHE"
 _CACHE_FORMAT = 4  # bump when processing or the file layout changes (4: FrameStacks records)
@@ -162,6 +169,7 @@ class EpisodeView:
         again when CrowdPlay's were integers (Minari stores them as float64)."""
         with h5py.File(self.data_file, "r") as file:
             group = file[f"episode_{self.index}"]
+            check_self_contained(group, f"{self.data_file} episode_{self.index}")
             frames = StoredFrames(group["observations"]) if observations else None
             return EpisodeArrays(
                 observations=read_all_frames(frames) if frames is not None else np.empty(0),
@@ -202,6 +210,7 @@ class EpisodeView:
                 path.unlink(missing_ok=True)  # damaged cache entry: recompute
         with h5py.File(self.data_file, "r") as file:
             group = file[f"episode_{self.index}"]
+            check_self_contained(group, f"{self.data_file} episode_{self.index}")
             steps = self._step_arrays(group)
             compact = compact_trajectory(
                 StoredFrames(group["observations"], n_frames=len(steps["actions"])),

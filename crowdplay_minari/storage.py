@@ -80,3 +80,32 @@ def local_dataset_ids(root: str | os.PathLike | None = None, prefix: str = "") -
         if dataset_id.startswith(prefix):
             found.append(dataset_id)
     return sorted(found)
+
+
+class ForeignStorageError(ValueError):
+    """An episode whose arrays live outside its file (HDF5 external storage, external or soft
+    links, virtual datasets): a crafted dataset could read any file, e.g. `/etc/passwd`, as an
+    array."""
+
+
+def check_self_contained(group, where: str) -> None:
+    """Refuse an HDF5 episode group whose arrays are not stored in the file itself."""
+    import h5py
+
+    def visit(node, prefix: str) -> None:
+        for name in node:
+            link = node.get(name, getlink=True)
+            path = f"{prefix}/{name}"
+            if isinstance(link, h5py.ExternalLink | h5py.SoftLink):
+                kind = "an external" if isinstance(link, h5py.ExternalLink) else "a soft"
+                raise ForeignStorageError(f"{where}{path}: {kind} link; refused")
+            item = node[name]
+            if isinstance(item, h5py.Group):
+                visit(item, path)
+            elif item.external or item.is_virtual:
+                raise ForeignStorageError(
+                    f"{where}{path}: data stored outside the file "
+                    f"({'virtual' if item.is_virtual else 'external storage'}); refused"
+                )
+
+    visit(group, "")

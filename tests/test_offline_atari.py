@@ -136,6 +136,14 @@ def test_grid_file_errors_name_the_file_and_the_field(tmp_path: Path) -> None:
     path.write_text(f"datasets: [{RIVERRAID}]\nsteps: 10.5\n")
     with pytest.raises(GridError, match="steps must be an integer"):
         load_grid_file(path)
+    # a tag that would run code under yaml.load is refused by name, never run
+    path.write_text('datasets: !!python/object/apply:os.system ["touch pwned"]\n')
+    with pytest.raises(GridError, match=r"bad\.yaml: not a plain YAML grid .*python/object"):
+        load_grid_file(path)
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+    path.write_text("datasets: [unclosed\n")
+    with pytest.raises(GridError, match=r"bad\.yaml: not a plain YAML grid"):
+        load_grid_file(path)
     with pytest.raises(GridError, match="multiple of steps_per_epoch"):
         GridConfig(datasets=(RIVERRAID,), steps=150, steps_per_epoch=100)
     with pytest.raises(GridError, match="algorithms"):

@@ -129,3 +129,36 @@ def test_convert_skips_hostile_rows_and_touches_nothing_outside_the_root(
     assert report.episodes_total == len(hostile_raw["good"]) + 6
     assert all(dataset.startswith("crowdplay/") for dataset in report.datasets)
     assert all((root / dataset).resolve().is_relative_to(root) for dataset in report.datasets)
+
+
+@pytest.mark.parametrize("trick", ["external storage", "external link", "soft link"])
+def test_episodes_whose_arrays_live_outside_their_file_are_refused(
+    converted_sample, tmp_path: Path, trick: str
+) -> None:
+    """A crafted dataset could point `actions` at any file (here /etc/passwd); the loader reads
+    nothing from outside the episode's own file."""
+    import h5py
+
+    from crowdplay_minari.loading import load_dataset
+    from crowdplay_minari.storage import ForeignStorageError
+
+    source, _ = converted_sample
+    dataset_id = "crowdplay/riverraid/plain-player_0-v1"
+    root = tmp_path / "root"
+    shutil.copytree(source / dataset_id, root / dataset_id)
+    main = root / dataset_id / "data" / "main_data.hdf5"
+    with h5py.File(main, "r+") as file:
+        group = file["episode_0"]
+        n = group["actions"].shape[0]
+        del group["actions"]
+        if trick == "external storage":
+            group.create_dataset("actions", (n,), "u1", external=[("/etc/passwd", 0, n)])
+        elif trick == "external link":
+            group["actions"] = h5py.ExternalLink("/etc/passwd", "/x")
+        else:
+            group["actions"] = h5py.SoftLink("/episode_0/rewards")
+    episode = load_dataset(dataset_id, root=root).episodes[0]
+    with pytest.raises(ForeignStorageError, match=r"main_data\.hdf5 episode_0/actions: .*refused"):
+        episode.load()
+    with pytest.raises(ForeignStorageError):
+        episode.get_processed_trajectory()

@@ -277,15 +277,25 @@ def load_grid_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise GridError(f"grid file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GridError(f"grid file {path} cannot be read: {exc}") from None
     if path.suffix == ".toml":
         import tomllib
 
-        raw = tomllib.loads(text)
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise GridError(f"{path}: not valid TOML ({exc})") from None
     else:
         import yaml
 
-        raw = yaml.safe_load(text) or {}
+        try:  # safe_load: tags such as !!python/object/apply are refused, never run
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            problem = " ".join(str(exc).split())
+            raise GridError(f"{path}: not a plain YAML grid ({problem})") from None
     if not isinstance(raw, Mapping):
         raise GridError(f"{path}: a grid file is a mapping of GridConfig fields")
     return coerce_grid_fields(raw, source=str(path))
