@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except files.OutputInUse as error:
         return fail(prog, str(error), EXIT_BUSY)
     except OSError as error:
-        if error.errno == errno.ENOSPC:
+        if isinstance(error, files.DiskFull) or error.errno == errno.ENOSPC:
             return fail(prog, f"disk full: {error}", EXIT_DISK_FULL)
         return fail(prog, f"{error}", EXIT_FAILED)
     except Exception as error:  # a data error names its file; anything else is a bug to report

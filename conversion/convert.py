@@ -352,6 +352,22 @@ def publish_dataset(root: Path, staging: Path, key: DatasetKey) -> dict:
     return {"episodes": len(sources), "steps": total_steps}
 
 
+def _publish(root: Path, staging: Path, key: DatasetKey) -> dict:
+    """`publish_dataset`; on a full disk, the half-built copy is removed (the published dataset
+    was never touched) and `files.DiskFull` says how much space the new dataset needs."""
+    try:
+        return publish_dataset(root, staging, key)
+    except OSError as exc:
+        if not files.is_disk_full(exc):
+            raise
+        shutil.rmtree(staging / "publish", ignore_errors=True)
+        staged = staging / "episodes" / _slug(key.dataset_id)
+        needed = sum(p.stat().st_size for p in staged.glob("*.h5"))
+        old = main_data_path(root / key.dataset_id / DATA_DIR)
+        needed += old.stat().st_size if old.exists() else 0
+        raise files.DiskFull(f"dataset {key.dataset_id}", root, needed) from None
+
+
 FAULT_ENV = "CROWDPLAY_MINARI_FAULT_AT"
 """Test seam: the name of a publishing step at which the process kills itself (`os._exit`), as
 a power cut would; the fault-injection tests set it in a subprocess."""
@@ -546,13 +562,15 @@ def _convert(config: ConversionConfig, root: Path, log: Callable[[str], None]) -
     def publish_when_staged(dataset: str) -> None:
         staged_dir = staging / "episodes" / _slug(dataset)
         if staged_dir.exists() and any(staged_dir.glob("*.h5")):
-            publishing[dataset] = publisher.submit(publish_dataset, root, staging, keys[dataset])
+            publishing[dataset] = publisher.submit(_publish, root, staging, keys[dataset])
 
     try:
         results = _stage_all(jobs, config)
         bar = tqdm(total=len(jobs), unit="episode", desc="converting", disable=not config.progress)
         for result in results:
             bar.update(1)
+            if result.error and files.is_disk_full(result.error):
+                raise files.DiskFull(f"episode {result.episode_id} into {staging}", root)
             if result.error:
                 entry = {
                     "episode_id": result.episode_id,

@@ -122,3 +122,36 @@ def exclusive(lock_path: Path, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class DiskFull(OSError):
+    """The disk filled up while writing `what`; says how much space was needed and was free."""
+
+    def __init__(self, what: str, where: Path, needed: int | None = None) -> None:
+        import errno
+        import shutil
+
+        free = shutil.disk_usage(where).free if Path(where).exists() else 0
+        need = f"about {_mb(needed)} needed, " if needed else ""
+        message = (
+            f"no space left writing {what}: {need}{_mb(free)} free on {where}; nothing "
+            "published before is damaged, free some space and rerun to finish"
+        )
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def is_disk_full(error: BaseException | str) -> bool:
+    """ENOSPC, also as HDF5 reports it (an OSError whose errno is unset but whose text says so)."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(error) or "errno = 28" in str(error)

@@ -10,6 +10,7 @@ rerun restores the old dataset before finishing.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -121,3 +122,43 @@ def test_a_crash_at_any_step_of_publishing_loses_nothing(
     assert not list(staging.glob("episodes/*/*"))  # every staged episode published
     saved = json.loads((root / "crowdplay" / "conversion_report.json").read_text())
     assert saved["episodes_total"] == 3
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["publishing", "staging"])
+def test_a_full_disk_is_one_line_naming_the_space_and_a_rerun_finishes(
+    published_once: tuple[Path, Path], tmp_path: Path, monkeypatch, capsys, where: str
+) -> None:
+    """ENOSPC injected at the writes of publishing (copying episodes into the new dataset) or
+    of staging (a worker writing an episode): exit status 5, one line, old dataset intact."""
+    import h5py
+
+    from crowdplay_minari.benchmarks.cli import main
+    from crowdplay_minari.cli import EXIT_DISK_FULL, EXIT_OK
+    from crowdplay_minari.conversion import episode_writer
+
+    raw, old_root = published_once
+    root = tmp_path / "root"
+    shutil.copytree(old_root, root)
+    argv = ["convert", str(raw), "--root", str(root), "--workers", "1", "--quiet"]
+    with monkeypatch.context() as patch:
+        if where == "publishing":
+            patch.setattr(h5py.Group, "copy", _no_space)
+        else:  # the local executor forks its workers: they inherit the patch
+            patch.setattr(episode_writer, "write_episode_group", _no_space)
+        assert main(argv) == EXIT_DISK_FULL
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "disk full: no space left writing" in err and "MB free on" in err
+    if where == "publishing":
+        assert f"dataset {DATASET}" in err and "MB needed" in err
+    else:
+        assert "into " + str(root / STAGING_DIR) in err
+    assert _episodes(root) == 1  # the published dataset was never touched
+    assert not list((root / STAGING_DIR).glob("publish/*"))
+    assert main(argv) == EXIT_OK
+    assert _episodes(root) == 3
