@@ -161,9 +161,7 @@ def receive_staged_files(result: EpisodeResult, staging: Path) -> None:
                 f"a worker returned a staged file outside the staging area: {relative}"
             )
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
-        partial.write_bytes(data)
-        os.replace(partial, target)
+        files.write_bytes(target, data)
     result.files = {}
 
 
@@ -427,9 +425,7 @@ def _ensure_namespaces(root: Path, namespace: str, games: Iterable[str]) -> None
         if path.exists():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
-        partial.write_text(json.dumps({"description": description}))
-        os.replace(partial, path)
+        files.write_text(path, json.dumps({"description": description}))
 
 
 # -- the whole conversion ----------------------------------------------------------------------

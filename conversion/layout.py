@@ -29,7 +29,7 @@ import gymnasium as gym
 import numpy as np
 
 from crowdplay_minari import __version__
-from crowdplay_minari.episode import FRAME_SHAPE, player_name
+from crowdplay_minari.episode import FRAME_SHAPE, player_index, player_name
 from crowdplay_minari.games import TWO_PLAYER_GAMES, game_info, num_actions
 
 DEFAULT_NAMESPACE = "crowdplay"
@@ -126,11 +126,6 @@ def collection_env_spec(game: str, agent_id: str, task: str):
     from crowdplay_minari.envs import collection_env_spec as spec
 
     return spec(game, player=player_index(agent_id), task=task)
-
-
-def player_index(agent_id: str) -> int:
-    """`'game_0>player_1'` -> 1."""
-    return int(player_name(agent_id).rsplit("_", 1)[-1])
 
 
 def _minari_version() -> str:

@@ -145,7 +145,7 @@ class CrowdPlayAtariEnv(gym.Env[np.ndarray, np.int64], EzPickle):
         task: str | None = None,
         noop_max: int = 30,
         repeat_action_probability: float = 0.0,
-        max_episode_frames: int = 108_000,
+        max_episode_frames: int = DEFAULT_MAX_EPISODE_FRAMES,
         seed: int | None = None,
         render_mode: str | None = None,
         **processing_options: Any,

@@ -27,6 +27,11 @@ def player_name(agent_id: str) -> str:
     return agent_id.rsplit(">", 1)[-1]
 
 
+def player_index(agent_id: str) -> int:
+    """`'game_0>player_1'` -> 1."""
+    return int(player_name(agent_id).rsplit("_", 1)[-1])
+
+
 @dataclass(frozen=True)
 class User:
     """A human participant (anonymised), as in CrowdPlay's `users` table."""

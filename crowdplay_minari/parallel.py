@@ -67,7 +67,7 @@ class CrowdPlayParallelEnv(ParallelEnv):
         self.agents = list(self.possible_agents)
         return (
             {a: observation.copy() for a in self.agents},
-            {a: self._agent_info(info, p) for p, a in enumerate(self.agents)},
+            self._agent_infos(info, self.agents),
         )
 
     def step(self, actions: dict[str, Any]):
@@ -91,7 +91,7 @@ class CrowdPlayParallelEnv(ParallelEnv):
             {a: float(rewards[p]) for p, a in enumerate(agents)},
             {a: bool(terminated) for a in agents},
             {a: bool(truncated) for a in agents},
-            {a: self._agent_info(info, p) for p, a in enumerate(agents)},
+            self._agent_infos(info, agents),
         )
 
     def render(self) -> np.ndarray | None:
@@ -103,8 +103,9 @@ class CrowdPlayParallelEnv(ParallelEnv):
     def _second_action(self, observation: np.ndarray, info: dict[str, Any]) -> int:
         return self._pending
 
-    def _agent_info(self, info: dict[str, Any], player: int) -> dict[str, Any]:
-        return {**info, "lives": self._game.emulator.lives()[player]}
+    def _agent_infos(self, info: dict[str, Any], agents: list[str]) -> dict[str, dict[str, Any]]:
+        lives = self._game.emulator.lives()
+        return {a: {**info, "lives": lives[p]} for p, a in enumerate(agents)}
 
 
 def parallel_env(

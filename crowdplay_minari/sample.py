@@ -73,9 +73,6 @@ DEFAULT_SESSIONS: tuple[SessionSpec, ...] = (
 )
 
 
-# -- emulators ---------------------------------------------------------------------------------
-
-
 # -- scripted players --------------------------------------------------------------------------
 
 
@@ -87,7 +84,7 @@ class _Player:
     game: str
     task: str
     player_index: int
-    minimal_actions: list
+    action_names: list[str]
     is_ai: bool = False
     action: int = 0
     hold: int = 0
@@ -96,9 +93,7 @@ class _Player:
     names: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        import ale_py
-
-        self.names = {ale_py.Action(int(a)).name: i for i, a in enumerate(self.minimal_actions)}
+        self.names = {name: i for i, name in enumerate(self.action_names)}
         # Humans take a moment before their first key press; AIs act at once.
         self.first_press = 0 if self.is_ai else self.rng.randint(20, 90)
 
@@ -318,7 +313,7 @@ def _play_session(
                 spec.game,
                 spec.task,
                 p,
-                emulator.minimal_actions,
+                emulator.action_names(),
                 is_ai=agent in spec.ai_agents,
             )
             for p, agent in enumerate(agent_ids)

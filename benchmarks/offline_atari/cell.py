@@ -50,6 +50,7 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
     import d3rlpy
 
     from crowdplay_minari.d3rlpy_bridge import kept_frames, split_episodes, to_replay_buffer
+    from crowdplay_minari.episode import player_index
     from crowdplay_minari.games import game_info, human_normalized_score, num_actions
     from crowdplay_minari.processing import ProcessingConfig
 
@@ -67,7 +68,7 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
     task = tasks[0] if len(tasks) == 1 else None
     # Two-player data is evaluated in the two-player game, as the player the data recorded,
     # beside a partner that does nothing (named in results.csv).
-    players = sorted({int(e.agent_id.rsplit("_", 1)[-1]) for e in episodes})
+    players = sorted({player_index(e.agent_id) for e in episodes})
     player = players[0] if len(players) == 1 else 0
     partner = "noop" if game_info(game).two_player else ""
     train, test = split_episodes(episodes, test_size=cell.test_size, seed=cell.seed)

@@ -35,6 +35,7 @@ from ..episode import (
     StepFrames,
     User,
 )
+from ..games import GAMES
 from . import safe_pickle, schema
 from .errors import (
     CorruptTrajectoryError,
@@ -232,8 +233,6 @@ class RawDataset:
                 f"environment {environment_id} lacks environment keyword(s) "
                 f"{', '.join(missing)} under agent 'all'",
             )
-        from ..games import GAMES
-
         game = env_all["game"]
         if not isinstance(game, str) or game not in GAMES:
             raise InvalidMetadataError(
@@ -382,14 +381,15 @@ def _integers(
         raise SchemaError(
             path, f"expected {shape or 'one value'} per step, found {array.shape[1:]}", field=field
         )
-    for _bound, outside in ((low, array < low if low is not None else None),
-                            (high, array > high if high is not None else None)):  # fmt: skip
-        if outside is not None and outside.any():
-            t = int(np.flatnonzero(outside.reshape(len(array), -1).any(axis=1))[0])
-            allowed = f"[{'' if low is None else low}, {'' if high is None else high}]"
-            raise SchemaError(
-                path, f"value outside {allowed}: {values[t]!r:.80}", step=t, field=field
-            )
+    outside = np.zeros(array.shape, dtype=bool)
+    if low is not None:
+        outside |= array < low
+    if high is not None:
+        outside |= array > high
+    if outside.any():
+        t = int(np.flatnonzero(outside.reshape(len(array), -1).any(axis=1))[0])
+        allowed = f"[{'' if low is None else low}, {'' if high is None else high}]"
+        raise SchemaError(path, f"value outside {allowed}: {values[t]!r:.80}", step=t, field=field)
     return array
 
 
@@ -412,8 +412,6 @@ def _numbers(values: list, path: Path, field: str) -> np.ndarray:
 
 def _action_count(metadata: EpisodeMetadata) -> int:
     """Size of the episode's minimal action set (18, the full set, for a game not catalogued)."""
-    from ..games import GAMES
-
     info = GAMES.get(getattr(metadata, "game", None))
     return 18 if info is None else info.num_actions
 
