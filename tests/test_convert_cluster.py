@@ -37,8 +37,15 @@ def test_ray_cluster_conversion_uses_no_driver_paths_on_workers(
     pytest.importorskip("ray")
     ray_cli = str(Path(sys.executable).with_name("ray"))
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
-    nodes = {name: tmp_path / name for name in ("head", "node2", "driver")}
+    # A throwaway cluster: a token in the user's ~/.ray (token authentication) must not make the
+    # head demand one that the second node does not send.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HOME": str(tmp_path / "home"),
+    }
+    nodes = {name: tmp_path / name for name in ("head", "node2", "driver", "home")}
     for folder in nodes.values():
         folder.mkdir()
 
