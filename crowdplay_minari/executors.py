@@ -140,6 +140,7 @@ def _run_ray(
         p for p in (package_search_path(), env_vars.get("PYTHONPATH")) if p
     )
     started_here = not ray.is_initialized()
+    environ = dict(os.environ)  # ray.init sets variables (RAY_AUTH_MODE ...): put them back
     if started_here:
         ray.init(
             address=config.ray_address,
@@ -173,3 +174,14 @@ def _run_ray(
     finally:
         if started_here:
             ray.shutdown()
+            _restore_environ(environ)
+
+
+def _restore_environ(saved: dict[str, str]) -> None:
+    """Undo what a library changed in `os.environ` (the package leaves the environment as it
+    found it)."""
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    for name, value in saved.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value

@@ -367,10 +367,12 @@ def test_new_episodes_are_added_to_published_datasets(raw_sample_bz2, tmp_path):
 def test_ray_executor_converts_the_same(raw_sample_bz2, tmp_path, converted):
     pytest.importorskip("ray")
     root = tmp_path / "minari"
+    environ = dict(os.environ)
     report = convert(
         ConversionConfig(raw_sample_bz2, root=root, workers=2, executor="ray", progress=False),
         log=lambda s: None,
     )
+    assert dict(os.environ) == environ  # Ray's own variables (RAY_AUTH_MODE ...) are undone
     assert report.ok and report.datasets == converted[1].datasets
     os.environ["MINARI_DATASETS_PATH"] = str(root)
     assert verify(raw_sample_bz2, sorted(report.datasets), log=lambda s: None).ok

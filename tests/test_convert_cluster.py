@@ -37,10 +37,11 @@ def test_ray_cluster_conversion_uses_no_driver_paths_on_workers(
     pytest.importorskip("ray")
     ray_cli = str(Path(sys.executable).with_name("ray"))
     port = _free_port()
-    # A throwaway cluster: a token in the user's ~/.ray (token authentication) must not make the
-    # head demand one that the second node does not send.
+    # A throwaway cluster: neither a token in the user's ~/.ray nor the RAY_AUTH_MODE=token an
+    # earlier in-process `ray.init` left in os.environ may put the head into token
+    # authentication that the second node cannot pass.
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
         "PYTHONPATH": str(REPO),
         "RAY_USAGE_STATS_ENABLED": "0",
         "HOME": str(tmp_path / "home"),
