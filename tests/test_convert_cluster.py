@@ -9,6 +9,7 @@ files through Ray; only the driver writes datasets.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from crowdplay_minari.conversion.convert import ConversionConfig, convert
+from crowdplay_minari.conversion.convert import REPORT_NAME
 from crowdplay_minari.conversion.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_cluster_conversion_uses_no_driver_paths_on_workers(
-    raw_sample_bz2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    raw_sample_bz2: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("ray")
     ray_cli = str(Path(sys.executable).with_name("ray"))
@@ -62,28 +63,30 @@ def test_ray_cluster_conversion_uses_no_driver_paths_on_workers(
         ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--num-gpus=0",
             "--disable-usage-stats", cwd=nodes["node2"])  # fmt: skip
         shutil.copytree(raw_sample_bz2, nodes["driver"] / "raw")
-        monkeypatch.chdir(nodes["driver"])
-        config = ConversionConfig(
-            Path("raw"),
-            root=Path("minari"),
-            workers=2,
-            executor="ray",
-            ray_address=f"127.0.0.1:{port}",
-            progress=False,
+        # The driver runs in its own process, as a user's would: Ray's per-process state left by
+        # an earlier in-process `ray.init` (another test's) cannot reach this cluster.
+        driver = subprocess.run(
+            [sys.executable, "-m", "crowdplay_minari.benchmarks.cli", "convert", "raw"]
+            + ["--root", "minari", "--workers", "2", "--executor", "ray", "--verify", "--quiet"]
+            + ["--ray-address", f"127.0.0.1:{port}"],
+            cwd=nodes["driver"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
-        report = convert(config, log=lambda _: None)
-
-        import ray as ray_module
-
-        assert not ray_module.is_initialized()  # the converter disconnected again
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
-    assert report.ok, report.skipped
-    assert report.episodes_converted == report.episodes_total > 0
+    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
+    assert "verified" in driver.stdout and "VERIFY FAILED" not in driver.stdout, driver.stdout
+    report = json.loads((nodes["driver"] / "minari" / "crowdplay" / REPORT_NAME).read_text())
+    assert not report["skipped"], report["skipped"]
+    assert report["episodes_converted"] == report["episodes_total"] > 0
     # Nothing was written anywhere but the driver's datasets root.
     for node in ("head", "node2"):
         assert not any(p.suffix in (".h5", ".hdf5") for p in nodes[node].rglob("*"))
     assert not (nodes["driver"] / "raw" / ".crowdplay-staging").exists()
-    result = verify(Path("raw"), sorted(report.datasets), root=Path("minari"), log=lambda _: None)
+    datasets = sorted(report["datasets"])
+    result = verify(nodes["driver"] / "raw", datasets, root=nodes["driver"] / "minari", log=print)
     assert result.ok and result.episodes_checked > 0, result.problems
