@@ -2,8 +2,9 @@
 
 The server serves a small zip built here in the layout of ``data-v0.zip`` (a ``dataset.sqlite``
 and a few ``<uuid>.pickle.bz2`` files), answers ``Range`` requests, and can drop the connection
-after a given number of bytes, flip a byte, ignore ``Range`` or stall. No test talks to any other
-host.
+after a given number of bytes, flip a byte, ignore ``Range``, stall or redirect. No test talks to
+any other host: addresses elsewhere appear only where the download must refuse them before
+connecting.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import socket
 import sqlite3
 import threading
 import uuid
+import warnings
 import zipfile
 from collections import namedtuple
 from collections.abc import Iterator
@@ -31,10 +33,16 @@ import pytest
 
 from crowdplay_minari import download
 from crowdplay_minari.download import (
+    CROWDPLAY_WEBSITE_URL,
     DATASET_DIRNAME,
+    DEFAULT_URL,
     MANIFEST_NAME,
     DownloadError,
+    Release,
+    check_unpacked,
     download_dataset,
+    load_releases,
+    release_for,
 )
 
 # ---------------------------------------------------------------- the dataset and its zip
@@ -65,10 +73,19 @@ def dataset_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 def make_zip(files: dict[str, bytes], prefix: str = "") -> bytes:
     """Stored (uncompressed) zip, like CrowdPlay's ``zip -0``; members under ``prefix``."""
+    return make_zip_of([(prefix + name, data) for name, data in files.items()])
+
+
+def make_zip_of(members: list[tuple[str, bytes]]) -> bytes:
+    """Stored zip with exactly these members, in order (a name may repeat; "x/" is a folder)."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, data in files.items():
-            archive.writestr(prefix + name, data)
+    with (
+        zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name" warning
+        for name, data in members:
+            archive.writestr(name, data)
     return buffer.getvalue()
 
 
@@ -93,6 +110,7 @@ class ServerState:
     stall: bool = False
     status: int | None = None  # answer this error status instead of the file ...
     status_times: int | None = None  # ... this many times (None: always)
+    redirect_to: str | None = None  # answer GET /data-v0.zip with 302 to this Location
     range_headers: list[str | None] = field(default_factory=list)
     bytes_sent: int = 0
     release: threading.Event = field(default_factory=threading.Event)
@@ -123,6 +141,12 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             if status is not None:
                 self.send_error(status)
                 return
+            if state.redirect_to is not None and self.path == "/data-v0.zip":
+                self.send_response(302)
+                self.send_header("Location", state.redirect_to)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             data = bytearray(state.data)
             if state.flip_byte_at is not None:
                 data[state.flip_byte_at] ^= 0xFF
@@ -152,11 +176,14 @@ def make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
             with state.lock:  # counted before sending, so the client never sees it lag behind
                 state.bytes_sent += len(body)
-            self.wfile.write(body)
-            self.wfile.flush()
-            if self.close_connection:
-                # A clean FIN after the data: the client gets exactly `budget` bytes, then EOF.
-                self.connection.shutdown(socket.SHUT_WR)
+            try:
+                self.wfile.write(body)
+                self.wfile.flush()
+                if self.close_connection:
+                    # A clean FIN after the data: the client gets exactly `budget` bytes, then EOF.
+                    self.connection.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.close_connection = True  # the client hung up first (it refused the file)
 
     return Handler
 
@@ -441,13 +468,24 @@ def test_zip_slip_member_is_refused(
 
 
 def test_failure_part_way_through_unpacking_leaves_no_dataset_folder(
-    tmp_path: Path, server: ServerState, dataset_files: dict[str, bytes]
+    tmp_path: Path, server: ServerState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # "dataset.sqlite" is written first, then a member needs it to be a folder: unpacking fails.
-    server.data = make_zip(dataset_files | {"dataset.sqlite/oops": b"x"})
+    # The first member is written, then the disk fills up during the second.
+    unpack_member = download._unpack_member
+    calls: list[str] = []
 
-    with pytest.raises(DownloadError, match="Could not unpack"):
+    def fill_up_on_the_second(archive, info, out_path, bar):  # type: ignore[no-untyped-def]
+        calls.append(info.filename)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return unpack_member(archive, info, out_path, bar)
+
+    monkeypatch.setattr(download, "_unpack_member", fill_up_on_the_second)
+
+    with pytest.raises(DownloadError, match="Could not unpack .*No space left on device"):
         fetch(tmp_path, server)
+
+    assert len(calls) == 2
 
     assert not (tmp_path / DATASET_DIRNAME).exists()
     assert not (tmp_path / f".{DATASET_DIRNAME}.extracting").exists()
@@ -479,7 +517,10 @@ def test_incomplete_existing_dataset_folder_is_reported(
     assert server.range_headers == [None]
 
     manifest = json.loads((dataset_dir / MANIFEST_NAME).read_text())
-    assert manifest["files"] == {name: len(data) for name, data in dataset_files.items()}
+    assert manifest["files"] == {
+        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in dataset_files.items()
+    }
 
 
 def test_insufficient_disk_space_is_refused_before_downloading(
@@ -539,19 +580,22 @@ def test_cli_options_and_exit_status(
     assert (tmp_path / "data-v0.zip").exists()
 
     bad = parser.parse_args([str(tmp_path / "other"), "--url", server.url, "--sha256", "xyz"])
-    assert download.run(bad) == 1
-    assert "sha256 must be 64 hexadecimal digits" in capsys.readouterr().err
+    assert download.run(bad) == 2  # a usage error
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "sha256 must be 64 hexadecimal digits" in err
 
 
-def test_default_url_is_crowdplays_bucket() -> None:
+def test_default_url_is_crowdplays_bucket_over_https() -> None:
     parser = argparse.ArgumentParser()
     download.add_arguments(parser)
     args = parser.parse_args(["somewhere"])
+    # S3's website endpoint (CrowdPlay's own installer) speaks plain http only; the REST
+    # endpoint of the same bucket serves the same object over https.
     assert (
-        args.url
-        == download.DEFAULT_URL
-        == ("http://crowdplay-atari.s3-website-us-east-1.amazonaws.com/data-v0.zip")
+        args.url == DEFAULT_URL == "https://crowdplay-atari.s3.us-east-1.amazonaws.com/data-v0.zip"
     )
+    assert CROWDPLAY_WEBSITE_URL.startswith("http://crowdplay-atari.s3-website-us-east-1.")
     assert (args.dest, args.keep_zip, args.no_progress) == (Path("somewhere"), False, False)
 
 
@@ -566,3 +610,461 @@ def test_kept_zip_of_the_wrong_size_is_not_unpacked(
 
     assert not (tmp_path / DATASET_DIRNAME).exists()
     assert (tmp_path / "data-v0.zip.corrupt").read_bytes() == zip_bytes
+
+
+# ---------------------------------------------------------------- authentication
+
+
+def pin(monkeypatch: pytest.MonkeyPatch, url: str, sha256: str | None, size: int | None = None):
+    """Make the shipped release manifest list ``url`` with this digest and size."""
+    release = Release("test-release", (url,), size, sha256)
+    monkeypatch.setattr(download, "_shipped_releases", lambda: (release,))
+
+
+def test_shipped_release_manifest_covers_the_official_addresses() -> None:
+    releases = load_releases()
+    release = release_for(DEFAULT_URL)
+
+    assert release is not None and release in releases
+    assert release.name == DATASET_DIRNAME
+    assert release_for(CROWDPLAY_WEBSITE_URL) is release
+    assert all(url.endswith("/data-v0.zip") for url in release.urls)
+    # No digest is pinned until one is taken from a trusted copy: never a made-up one.
+    assert release.sha256 is None or len(release.sha256) == 64
+    assert release_for("https://mirror.example/data-v0.zip") is None
+
+
+@pytest.mark.parametrize(
+    ("entry", "complaint"),
+    [
+        ({"name": "x", "urls": ["https://h/x.zip"], "size": None, "sha256": "abc"}, "sha256"),
+        ({"name": "x", "urls": ["https://h/x.zip"], "size": -1, "sha256": None}, "size"),
+        ({"name": "x", "urls": [], "size": None, "sha256": None}, "urls"),
+    ],
+)
+def test_malformed_release_manifest_is_refused(tmp_path: Path, entry: dict, complaint: str) -> None:
+    path = tmp_path / "releases.json"
+    path.write_text(json.dumps({"releases": [entry]}))
+    with pytest.raises(DownloadError, match=f"Release manifest {path} is unusable: .*{complaint}"):
+        load_releases(path)
+
+
+def test_pinned_digest_is_checked_and_a_wrong_archive_quarantined(
+    tmp_path: Path, server: ServerState, zip_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pin(monkeypatch, server.url, "ab" * 32)
+
+    with pytest.raises(DownloadError, match=f"sha256 is [0-9a-f]{{64}}, expected {'ab' * 32}"):
+        fetch(tmp_path, server)  # no sha256 given: the pinned one is used
+
+    assert not (tmp_path / DATASET_DIRNAME).exists()
+    assert not (tmp_path / "data-v0.zip").exists()
+    assert (tmp_path / "data-v0.zip.corrupt").read_bytes() == zip_bytes
+
+
+def test_pinned_digest_accepts_the_archive_and_is_recorded(
+    tmp_path: Path,
+    server: ServerState,
+    zip_bytes: bytes,
+    dataset_files: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    digest = hashlib.sha256(zip_bytes).hexdigest()
+    pin(monkeypatch, server.url, digest, len(zip_bytes))
+
+    dataset_dir = fetch(tmp_path, server)
+
+    assert_unpacked(dataset_dir, dataset_files)
+    assert "warning" not in capsys.readouterr().err
+    archive = json.loads((dataset_dir / MANIFEST_NAME).read_text())["archive"]
+    assert archive == {
+        "url": server.url,
+        "size": len(zip_bytes),
+        "sha256": digest,
+        "checked_against": "pinned",
+    }
+
+
+def test_pinned_size_is_checked_before_downloading(
+    tmp_path: Path, server: ServerState, zip_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pin(monkeypatch, server.url, hashlib.sha256(zip_bytes).hexdigest(), len(zip_bytes) + 1)
+    with pytest.raises(DownloadError, match="Size mismatch"):
+        fetch(tmp_path, server)
+    assert not (tmp_path / "data-v0.zip.part").exists()
+
+
+def test_given_sha256_overrides_the_pinned_one_with_a_warning(
+    tmp_path: Path,
+    server: ServerState,
+    zip_bytes: bytes,
+    dataset_files: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pin(monkeypatch, server.url, "ab" * 32)
+    digest = hashlib.sha256(zip_bytes).hexdigest()
+
+    dataset_dir = fetch(tmp_path, server, sha256=digest)
+
+    assert_unpacked(dataset_dir, dataset_files)
+    err = capsys.readouterr().err
+    assert f"--sha256 {digest} differs from the sha256 {'ab' * 32} pinned for {server.url}" in err
+    assert "not authenticated" not in err
+    archive = json.loads((dataset_dir / MANIFEST_NAME).read_text())["archive"]
+    assert archive["checked_against"] == "given"
+
+
+def test_wrong_given_sha256_is_quarantined(
+    tmp_path: Path, server: ServerState, zip_bytes: bytes
+) -> None:
+    with pytest.raises(DownloadError, match="sha256 is [0-9a-f]{64}, expected 0{64}") as excinfo:
+        fetch(tmp_path, server, sha256="0" * 64)
+
+    assert str(tmp_path / "data-v0.zip.part") in str(excinfo.value)
+    assert (tmp_path / "data-v0.zip.corrupt").read_bytes() == zip_bytes
+    assert not (tmp_path / "data-v0.zip.part").exists()
+
+
+def test_unauthenticated_download_warns_on_one_line_with_its_digest(
+    tmp_path: Path,
+    server: ServerState,
+    zip_bytes: bytes,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dataset_dir = fetch(tmp_path, server)  # progress=False: the warning shows regardless
+
+    warning_lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    digest = hashlib.sha256(zip_bytes).hexdigest()
+    assert len(warning_lines) == 1
+    assert warning_lines[0].startswith(f"warning: {tmp_path / 'data-v0.zip'} is not authenticated")
+    assert digest in warning_lines[0] and "--sha256" in warning_lines[0]
+    archive = json.loads((dataset_dir / MANIFEST_NAME).read_text())["archive"]
+    assert (archive["sha256"], archive["checked_against"]) == (digest, None)
+
+
+@pytest.mark.parametrize(
+    ("url", "digest_known", "refused"),
+    [
+        ("http://mirror.example/data-v0.zip", False, True),
+        (CROWDPLAY_WEBSITE_URL, False, True),
+        ("http://mirror.example/data-v0.zip", True, False),
+        ("https://mirror.example/data-v0.zip", False, False),
+        (DEFAULT_URL, False, False),
+        ("http://127.0.0.1:8000/data-v0.zip", False, False),
+        ("http://[::1]:8000/data-v0.zip", False, False),
+        ("http://localhost/data-v0.zip", False, False),
+        ("http://127.0.0.1.mirror.example/data-v0.zip", False, True),
+    ],
+)
+def test_plain_http_needs_a_digest_unless_on_loopback(
+    url: str, digest_known: bool, refused: bool
+) -> None:
+    problem = download._transport_problem(url, digest_known=digest_known)
+    assert (problem is not None) == refused
+    if refused:
+        assert problem.startswith(f"Refusing to download {url} over plain http")
+
+
+@pytest.mark.parametrize("url", ["http://mirror.example/data-v0.zip", CROWDPLAY_WEBSITE_URL])
+def test_plain_http_without_digest_is_refused_before_connecting(
+    tmp_path: Path, url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest = tmp_path / "dest"
+    with pytest.raises(ValueError, match="over plain http without a sha256"):
+        download_dataset(dest, url, progress=False, retries=0)
+    assert not dest.exists()
+
+    parser = argparse.ArgumentParser(prog="crowdplay-minari download")
+    download.add_arguments(parser)
+    assert download.run(parser.parse_args([str(dest), "--url", url])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"crowdplay-minari download: error: Refusing to download {url} ")
+    assert not dest.exists()
+
+
+def test_plain_http_with_a_pinned_digest_is_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    pin(monkeypatch, CROWDPLAY_WEBSITE_URL, "ab" * 32)
+    size, sha256, checked_against = download._expectations(CROWDPLAY_WEBSITE_URL, None, None)
+    assert (size, sha256, checked_against) == (None, "ab" * 32, "pinned")
+    assert download._transport_problem(CROWDPLAY_WEBSITE_URL, digest_known=True) is None
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://mirror.example/data-v0.zip", "x"])
+def test_non_http_address_is_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ValueError, match="is not an http:// or https:// address"):
+        download_dataset(tmp_path / "dest", url, progress=False)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_redirect_to_plain_http_without_digest_is_refused(
+    tmp_path: Path, server: ServerState
+) -> None:
+    server.redirect_to = "http://mirror.example/data-v0.zip"
+
+    with pytest.raises(DownloadError, match="redirected to http://mirror.example/") as excinfo:
+        fetch(tmp_path, server, retries=3)
+
+    assert "over plain http without a sha256" in str(excinfo.value)
+    assert len(server.range_headers) == 1  # refused, not retried
+    assert not (tmp_path / "data-v0.zip.part").exists()
+
+
+def test_redirect_is_followed_when_allowed(
+    tmp_path: Path, server: ServerState, dataset_files: dict[str, bytes]
+) -> None:
+    server.redirect_to = server.url.replace("/data-v0.zip", "/moved/data-v0.zip")
+
+    dataset_dir = fetch(tmp_path, server)
+
+    assert server.range_headers == [None, None]  # the redirect, then the file
+    assert_unpacked(dataset_dir, dataset_files)
+
+
+# ---------------------------------------------------------------- what the archive may hold
+
+
+@pytest.mark.parametrize(
+    ("extra", "culprit"),
+    [
+        ([("dataset.sqlite", b"second database")], "dataset.sqlite"),
+        ([("./dataset.sqlite", b"second database")], "./dataset.sqlite"),
+        ([("Dataset.SQLite", b"a case-insensitive disk's dataset.sqlite")], "Dataset.SQLite"),
+        ([("{episode}.pickle.bz2", b"second trajectory")], "{episode}.pickle.bz2"),
+        ([("{episode}.pickle", b"same episode, other encoding")], "{episode}.pickle"),
+    ],
+)
+def test_duplicate_member_is_refused(
+    tmp_path: Path,
+    server: ServerState,
+    dataset_files: dict[str, bytes],
+    extra: list[tuple[str, bytes]],
+    culprit: str,
+) -> None:
+    episode = next(name for name in dataset_files if name.endswith(".pickle.bz2"))
+    episode = episode.removesuffix(".pickle.bz2")
+    culprit = culprit.format(episode=episode)
+    members = list(dataset_files.items()) + [(n.format(episode=episode), d) for n, d in extra]
+    server.data = make_zip_of(members)
+
+    with pytest.raises(DownloadError, match="Refusing to unpack") as excinfo:
+        fetch(tmp_path, server, keep_zip=True)
+
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert str(tmp_path / "data-v0.zip") in message
+    assert f"member {culprit!r} " in message
+    assert "twice" in message or "duplicates member" in message
+    assert not (tmp_path / DATASET_DIRNAME).exists()
+    assert not (tmp_path / f".{DATASET_DIRNAME}.extracting").exists()
+
+
+@pytest.mark.parametrize(
+    "culprit",
+    [
+        "README.txt",
+        "run_me.sh",
+        "sitecustomize.py",
+        MANIFEST_NAME,  # a forged record of what was unpacked
+        ".hidden.pickle.bz2",
+        "dataset.sqlite-journal",
+        "sub/1234.pickle.bz2",
+        "dataset.sqlite/oops",
+        "extra/",  # a folder in a flat archive
+        "1234.pickle.xz",
+    ],
+)
+def test_unexpected_member_is_refused(
+    tmp_path: Path, server: ServerState, dataset_files: dict[str, bytes], culprit: str
+) -> None:
+    server.data = make_zip_of(list(dataset_files.items()) + [(culprit, b"not CrowdPlay")])
+
+    with pytest.raises(DownloadError, match="Refusing to unpack") as excinfo:
+        fetch(tmp_path, server)
+
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert str(tmp_path / "data-v0.zip") in message
+    assert f"member {culprit!r} is not part of a CrowdPlay release" in message
+    assert not (tmp_path / DATASET_DIRNAME).exists()
+    assert not (tmp_path / f".{DATASET_DIRNAME}.extracting").exists()
+
+
+def test_unexpected_member_inside_the_top_level_folder_is_refused(
+    tmp_path: Path, server: ServerState, dataset_files: dict[str, bytes]
+) -> None:
+    members = [("data-v0/" + name, data) for name, data in dataset_files.items()]
+    server.data = make_zip_of(members + [("data-v0/nested/", b"")])
+
+    with pytest.raises(DownloadError, match="member 'data-v0/nested/' is not part of"):
+        fetch(tmp_path, server)
+
+
+def test_release_layouts_with_folder_entries_and_other_encodings_are_accepted(
+    tmp_path: Path, server: ServerState, dataset_files: dict[str, bytes]
+) -> None:
+    # `zip -r` writes an entry for the folder itself; a mirror may hold .pickle or .pickle.gz.
+    renamed = {
+        name.replace(".pickle.bz2", ".pickle.gz") if i == 1 else name: data
+        for i, (name, data) in enumerate(dataset_files.items())
+    }
+    members = [("data-v0/", b"")] + [("data-v0/" + n, d) for n, d in renamed.items()]
+    server.data = make_zip_of(members)
+
+    dataset_dir = fetch(tmp_path, server)
+
+    assert_unpacked(dataset_dir, renamed)
+
+
+def test_cli_reports_a_bad_archive_on_one_line_with_status_1(
+    tmp_path: Path,
+    server: ServerState,
+    dataset_files: dict[str, bytes],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server.data = make_zip_of(list(dataset_files.items()) + [("dataset.sqlite", b"again")])
+    digest = hashlib.sha256(server.data).hexdigest()
+    parser = argparse.ArgumentParser(prog="crowdplay-minari download")
+    download.add_arguments(parser)
+    argv = [str(tmp_path), "--url", server.url, "--sha256", digest, "--no-progress"]
+
+    assert download.run(parser.parse_args(argv)) == 1
+
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith("crowdplay-minari download: error: Refusing to unpack ")
+    assert "member 'dataset.sqlite' appears twice" in captured.err
+
+
+# ---------------------------------------------------------------- check_unpacked
+
+
+@pytest.fixture
+def unpacked(tmp_path: Path, server: ServerState) -> Path:
+    return fetch(tmp_path, server)
+
+
+def test_manifest_records_every_file_and_check_finds_nothing(
+    unpacked: Path, dataset_files: dict[str, bytes]
+) -> None:
+    manifest = json.loads((unpacked / MANIFEST_NAME).read_text())
+    assert manifest["format"] == 2
+    assert {name: entry["sha256"] for name, entry in manifest["files"].items()} == {
+        name: hashlib.sha256(data).hexdigest() for name, data in dataset_files.items()
+    }
+    assert check_unpacked(unpacked) == []
+    assert check_unpacked(unpacked, progress=True) == []
+
+
+def test_check_reports_a_file_with_one_byte_changed(
+    unpacked: Path, dataset_files: dict[str, bytes]
+) -> None:
+    victim = unpacked / next(name for name in dataset_files if name.endswith(".pickle.bz2"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the digest can tell
+    victim.write_bytes(bytes(data))
+
+    problems = check_unpacked(unpacked)
+
+    recorded = hashlib.sha256(dataset_files[victim.name]).hexdigest()
+    now = hashlib.sha256(data).hexdigest()
+    assert problems == [f"{victim}: changed since unpacking (sha256 {now}, recorded {recorded})"]
+
+
+def test_check_reports_a_file_of_another_size(unpacked: Path) -> None:
+    victim = unpacked / "dataset.sqlite"
+    size = victim.stat().st_size
+    with open(victim, "ab") as file:
+        file.write(b"\0")
+
+    assert check_unpacked(unpacked) == [
+        f"{victim}: changed since unpacking ({size + 1} bytes, recorded {size})"
+    ]
+
+
+def test_check_reports_a_deleted_file(unpacked: Path, dataset_files: dict[str, bytes]) -> None:
+    victim = unpacked / next(name for name in dataset_files if name.endswith(".pickle.bz2"))
+    victim.unlink()
+
+    assert check_unpacked(unpacked) == [
+        f"{victim}: missing (unpacked with {len(dataset_files[victim.name])} bytes)"
+    ]
+
+
+def test_check_reports_added_files_and_links(unpacked: Path, tmp_path: Path) -> None:
+    (unpacked / "0000.pickle").write_bytes(b"planted")
+    (unpacked / "sub").mkdir()
+    (unpacked / "sub" / "note.txt").write_text("planted")
+    (unpacked / "elsewhere").symlink_to(tmp_path)
+
+    assert check_unpacked(unpacked) == [
+        f"{unpacked / name}: added since unpacking (not in {MANIFEST_NAME})"
+        for name in ("0000.pickle", "elsewhere", "sub/note.txt")
+    ]
+
+
+def test_check_reports_a_file_replaced_by_a_link(unpacked: Path, tmp_path: Path) -> None:
+    victim = unpacked / "dataset.sqlite"
+    copy = tmp_path / "copy.sqlite"
+    copy.write_bytes(victim.read_bytes())  # same bytes, but now outside the folder
+    victim.unlink()
+    victim.symlink_to(copy)
+
+    assert check_unpacked(unpacked) == [f"{victim}: replaced by a symbolic link since unpacking"]
+
+
+def test_check_of_an_old_manifest_says_no_digests_are_recorded(
+    unpacked: Path, server: ServerState, dataset_files: dict[str, bytes]
+) -> None:
+    # What an older crowdplay-minari wrote: sizes only.
+    old = {"source": server.url, "files": {n: len(d) for n, d in dataset_files.items()}}
+    (unpacked / MANIFEST_NAME).write_text(json.dumps(old))
+
+    with pytest.raises(DownloadError, match="no digests recorded") as excinfo:
+        check_unpacked(unpacked)
+    assert str(unpacked / MANIFEST_NAME) in str(excinfo.value)
+    # A rerun of the download still takes the old folder as complete.
+    assert fetch(unpacked.parent, server) == unpacked
+
+
+@pytest.mark.parametrize(
+    ("manifest_text", "complaint"),
+    [
+        (None, "has no download manifest"),
+        ("{not json", "is unreadable"),
+        ('{"files": {"../outside": {"size": 1, "sha256": null}}}', "unsafe path"),
+    ],
+)
+def test_check_without_a_usable_manifest_is_an_error(
+    unpacked: Path, manifest_text: str | None, complaint: str
+) -> None:
+    manifest = unpacked / MANIFEST_NAME
+    if manifest_text is None:
+        manifest.unlink()
+    else:
+        manifest.write_text(manifest_text)
+
+    with pytest.raises(DownloadError, match=complaint) as excinfo:
+        check_unpacked(unpacked)
+    assert str(unpacked) in str(excinfo.value)
+
+
+def test_destination_that_is_a_file_is_a_usage_error(
+    tmp_path: Path, server: ServerState, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest = tmp_path / "a-file"
+    dest.write_text("not a folder")
+    parser = argparse.ArgumentParser(prog="crowdplay-minari download")
+    download.add_arguments(parser)
+
+    assert download.run(parser.parse_args([str(dest), "--url", server.url])) == 2
+
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"crowdplay-minari download: error: Destination {dest} exists and is not a directory.\n"
+    )
+    assert server.range_headers == []
