@@ -77,6 +77,8 @@ LAYOUTS: tuple[tuple[str, tuple[int, int], dict], ...] = (
 )
 CURRENT_LAYOUT = "zstd FRAME_ZSTD (w23 h18 c18 lazy2), chunks (256,210,160,3)"
 """The converter's own layout: chunks compressed by `FrameChunkCompressor`, written directly."""
+PORTABLE_LAYOUT = "portable: gzip 6 + Fletcher-32, chunks (256,1,160,3)"
+"""`convert --portable` / `crowdplay-minari portable`: HDF5's built-in filters only."""
 
 
 # -- conversion runs ---------------------------------------------------------------------------
@@ -243,6 +245,14 @@ def layout_cases(frames: np.ndarray, work: Path) -> tuple[dict[str, Callable], d
 
     cases[f"write {CURRENT_LAYOUT}"] = write_current
     cases[f"read {CURRENT_LAYOUT}"] = lambda: read(path)
+    portable = files[PORTABLE_LAYOUT] = work / "layout-portable.h5"
+
+    def write_portable() -> None:
+        with h5py.File(portable, "w", libver=LIBVER) as file:
+            write_observations(file, frames, portable=True)
+
+    cases[f"write {PORTABLE_LAYOUT}"] = write_portable
+    cases[f"read {PORTABLE_LAYOUT}"] = lambda: read(portable)
     return cases, files
 
 
@@ -513,6 +523,13 @@ def _print_report(results: dict) -> None:
         for row in results["layouts"]
     ]
     print(table(["layout", "bytes/frame", "write frames/s", "read frames/s"], rows))
+    by_name = {row["layout"]: row for row in results["layouts"]}
+    default, portable = by_name[CURRENT_LAYOUT], by_name[PORTABLE_LAYOUT]
+    print(
+        f"portable vs default: {portable['bytes_per_frame'] / default['bytes_per_frame']:.1f}x "
+        f"the bytes, {portable['read_frames_per_second'] / default['read_frames_per_second']:.2f}x "
+        "the read speed through h5py"
+    )
 
 
 if __name__ == "__main__":

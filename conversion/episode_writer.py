@@ -30,11 +30,14 @@ from crowdplay_minari.attributes import encode_nested, encode_value
 from crowdplay_minari.episode import AgentTrajectory, Episode, StepFrames
 from crowdplay_minari.scratch import scratch_buffer
 from crowdplay_minari.storage import (
+    DIGEST_ATTRIBUTE,
     FRAME_CHUNK,
     FRAME_ZSTD,
     LIBVER,
-    SMALL_ZSTD_LEVEL,
+    SLASH_SUBSTITUTE,
     VALUE_TYPES_ATTRIBUTE,
+    episode_digest,
+    small_array_filters,
 )
 
 from .layout import FINAL_OBSERVATION
@@ -78,11 +81,9 @@ class FrameChunkCompressor:
         return compressed
 
 
-def _small(group: h5py.Group, name: str, data: np.ndarray) -> None:
-    """A per-step array as one zstd-compressed chunk."""
-    group.create_dataset(
-        name, data=data, chunks=data.shape, **hdf5plugin.Zstd(clevel=SMALL_ZSTD_LEVEL)
-    )
+def _small(group: h5py.Group, name: str, data: np.ndarray, portable: bool = False) -> None:
+    """A per-step array as one compressed, checksummed chunk."""
+    group.create_dataset(name, data=data, chunks=data.shape, **small_array_filters(portable))
 
 
 def _aligned(values: np.ndarray) -> np.ndarray:
@@ -133,10 +134,35 @@ def write_observations(
     group: h5py.Group,
     frames: np.ndarray | StepFrames,
     compressor: FrameChunkCompressor | None = None,
+    portable: bool = False,
 ) -> h5py.Dataset:
-    """The `observations` dataset: the N frames plus a repeat of the last (Minari's N+1)."""
+    """The `observations` dataset: the N frames plus a repeat of the last (Minari's N+1).
+
+    Portable: HDF5's own gzip filter with its Fletcher-32 checksum, so any h5py reads them
+    without hdf5plugin; chunks of one image row across 256 frames, where deflate finds the same
+    row a frame earlier (larger and slower to read than zstd: README "Storage")."""
     n = len(frames)
     chunk = min(FRAME_CHUNK, n + 1)
+    if portable:
+        observations = group.create_dataset(
+            "observations",
+            shape=(n + 1, *frames.shape[1:]),
+            dtype=np.uint8,
+            chunks=(chunk, 1, *frames.shape[2:]),  # a row of 256 frames: deflate's 32 KiB
+            **small_array_filters(portable=True),  # window sees the row above, not a frame
+        )
+        data = scratch_buffer("frame chunk", (chunk, *frames.shape[1:]))
+        for start in range(0, n + 1, chunk):
+            stop = min(start + chunk, n + 1)
+            real = min(stop, n) - start
+            if isinstance(frames, np.ndarray):
+                data[:real] = frames[start : start + real]
+            else:
+                frames.copy_to(data, start, start + real)
+            if stop > n:
+                data[real] = frames[n - 1]
+            observations[start:stop] = data[: stop - start]
+        return observations
     observations = group.create_dataset(
         "observations",
         shape=(n + 1, *frames.shape[1:]),
@@ -155,36 +181,43 @@ def write_episode_group(
     episode: Episode,
     agent: AgentTrajectory,
     compressor: FrameChunkCompressor | None = None,
+    portable: bool = False,
 ) -> None:
-    """Fill an (empty) HDF5 group with one Minari episode."""
+    """Fill an (empty) HDF5 group with one Minari episode, its digest recorded last."""
     n = agent.num_steps
-    write_observations(group, agent.frames, compressor)
-    _small(group, "actions", agent.actions.astype(np.int64))
-    _small(group, "rewards", agent.rewards.astype(np.float64))
+
+    def small(parent: h5py.Group, name: str, data: np.ndarray) -> None:
+        _small(parent, name, data, portable)
+
+    write_observations(group, agent.frames, compressor, portable)
+    small(group, "actions", agent.actions.astype(np.int64))
+    small(group, "rewards", agent.rewards.astype(np.float64))
     terminations = np.zeros(n, dtype=bool)
     truncations = np.zeros(n, dtype=bool)
     terminations[-1] = agent.terminated
     truncations[-1] = agent.truncated
-    _small(group, "terminations", terminations)
-    _small(group, "truncations", truncations)
+    small(group, "terminations", terminations)
+    small(group, "truncations", truncations)
 
     infos = group.create_group("infos")
-    _small(infos, "ram", _aligned(agent.ram))
-    _small(infos, "lives", _aligned(agent.lives))
-    _small(infos, "user_type", _aligned(agent.user_types))
-    _small(infos, "action_step_iter", _aligned(agent.action_step_iters))
-    _small(infos, "step_iter", _aligned(episode.step_iters))
+    small(infos, "ram", _aligned(agent.ram))
+    small(infos, "lives", _aligned(agent.lives))
+    small(infos, "user_type", _aligned(agent.user_types))
+    small(infos, "action_step_iter", _aligned(agent.action_step_iters))
+    small(infos, "step_iter", _aligned(episode.step_iters))
     recorded = np.ones(n + 1, dtype=bool)
     recorded[0] = False
-    _small(infos, "recorded", recorded)
+    small(infos, "recorded", recorded)
     for name, source in (
         ("statistics", agent.statistics),
         ("task_statistics", agent.task_statistics),
     ):
         sub = infos.create_group(name)
         for stat, values in source.items():
-            _small(sub, stat.replace("/", "\u2215"), _aligned(values))
+            small(sub, stat.replace("/", SLASH_SUBSTITUTE), _aligned(values))
     group.attrs.update(episode_attributes(episode, agent))
+    group.file.flush()
+    group.attrs[DIGEST_ATTRIBUTE] = episode_digest(group)
 
 
 def write_staged_episode(
@@ -192,12 +225,13 @@ def write_staged_episode(
     episode: Episode,
     agent: AgentTrajectory,
     compressor: FrameChunkCompressor | None = None,
+    portable: bool = False,
 ) -> None:
     """Write one episode file atomically: readers see the whole file or none."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with h5py.File(tmp, "w", libver=LIBVER) as file:
-            write_episode_group(file, episode, agent, compressor)
+            write_episode_group(file, episode, agent, compressor, portable)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

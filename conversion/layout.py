@@ -41,9 +41,31 @@ AUTHOR = (
     "CrowdPlay (Gerstgrasser, Trivedi, Parkes et al., ICLR 2022); converted by crowdplay-minari"
 )
 AUTHOR_EMAIL = "crowdplay-minari maintainers"
-REQUIREMENTS = ["hdf5plugin>=5", "ale-py==0.10.2", "multi-agent-ale-py==0.1.12", "gymnasium==1.0.0"]
-"""What a plain reader installs besides `minari[hdf5]`: `hdf5plugin` decodes the zstd arrays; the
-environments (entry point `crowdplay_minari.envs`) also need this package itself."""
+REQUIREMENTS = [
+    "hdf5plugin>=5",
+    "pillow>=10",
+    "ale-py==0.10.2",
+    "multi-agent-ale-py==0.1.12",
+    "gymnasium==1.0.0",
+]
+"""What a plain reader installs besides `minari[hdf5]`: `hdf5plugin` decodes the zstd arrays,
+`pillow` is imported by Minari's HDF5 storage without being declared; the environments (entry point
+`crowdplay_minari.envs`) also need this package itself."""
+PORTABLE_REQUIREMENTS = [r for r in REQUIREMENTS if not r.startswith("hdf5plugin")]
+"""A portable dataset (deflate, HDF5's own filter) needs nothing but `minari[hdf5]` to read."""
+_ZSTD_STORAGE = "RGB observations stored losslessly (zstd via hdf5plugin)"
+_ZSTD_READING = "Read with minari[hdf5] after `import hdf5plugin` (zstd)"
+_PORTABLE_STORAGE = (
+    "RGB observations stored losslessly (deflate and Fletcher-32, HDF5's built-in filters)"
+)
+_PORTABLE_READING = "Read with plain minari[hdf5]; no HDF5 plugin needed"
+
+
+def portable_description(description: str) -> str:
+    """A dataset's description, saying how its portable copy is stored and read."""
+    return description.replace(_ZSTD_STORAGE, _PORTABLE_STORAGE).replace(
+        _ZSTD_READING, _PORTABLE_READING
+    )
 
 
 def dataset_id(namespace: str, game: str, task: str, agent_id: str) -> str:
@@ -78,7 +100,7 @@ def description(key: DatasetKey) -> str:
     return (
         f"Human Atari demonstrations from CrowdPlay (crowdplay_atari-v0): game {key.game}, task "
         f"{key.task}, agent {key.agent_id}. Raw 60 Hz frames, no frame skip, no sticky actions, "
-        "minimal action set; RGB observations stored losslessly (zstd via hdf5plugin). "
+        f"minimal action set; {_ZSTD_STORAGE}. "
         "CrowdPlay stores no screen after the last step: the final (N+1-th) observation repeats "
         "the N-th (episode attribute final_observation='repeat_last'). Episode attributes hold "
         "every CrowdPlay metadata value (source, statistics, environment data, participant id); "
@@ -86,8 +108,7 @@ def description(key: DatasetKey) -> str:
         "with observations[t]; infos[0] is not recorded): RAM, lives, "
         "user_type (1 human, 2 AI), action_step_iter, step_iter, running statistics. "
         "ref_min_score / ref_max_score are the standard random / human Atari references "
-        "(Mnih et al. 2015). "
-        + "Read with minari[hdf5] after `import hdf5plugin` (zstd). env_spec is the raw "
+        "(Mnih et al. 2015). " + f"{_ZSTD_READING}. env_spec is the raw "
         "collection env (CrowdPlay's multi-agent-ale-py set-up, frameskip 1); eval_env_spec is "
         "the crowdplay_minari evaluation env with the loader's frame processing"
         + (

@@ -1,8 +1,14 @@
-"""Check converted Minari datasets against their raw CrowdPlay source, frame for frame.
+"""Check converted Minari datasets: on their own, and against their raw CrowdPlay source.
 
-Reads every episode through Minari's own storage (the path a user takes) and compares
-observations, actions, rewards, termination / truncation flags, per-step infos and every metadata
-attribute (decoded back to CrowdPlay's Python types) with a fresh read of the raw trajectory.
+`verify_stored` needs nothing but the datasets: every episode's digest (`storage.episode_digest`,
+recorded when it was written) is recomputed from the bytes as stored, so a flipped byte anywhere
+in an episode's arrays or attributes is found, and the episodes present are counted against the
+dataset's metadata (a deleted or added episode is found too).
+
+`verify_dataset` reads every episode through Minari's own storage (the path a user takes) and
+compares observations, actions, rewards, termination / truncation flags, per-step infos and every
+metadata attribute (decoded back to CrowdPlay's Python types) with a fresh read of the raw
+trajectory.
 """
 
 from __future__ import annotations
@@ -15,7 +21,14 @@ import numpy as np
 
 from crowdplay_minari.attributes import decode_attributes, nested_from_flat
 from crowdplay_minari.raw import CrowdPlayDataError, RawDataset
-from crowdplay_minari.storage import dataset_dir, main_data_path
+from crowdplay_minari.storage import (
+    DIGEST_ATTRIBUTE,
+    METADATA_FILE,
+    check_self_contained,
+    dataset_dir,
+    episode_digest,
+    main_data_path,
+)
 
 
 @dataclass
@@ -100,6 +113,82 @@ def verify_dataset(
                 )
         report.episodes_checked += 1
         report.frames_checked += n
+
+
+def verify_stored(dataset_id: str, report: VerificationReport, root: Path | None = None) -> None:
+    """Check one dataset without its raw source: digests and episode counts."""
+    import json
+
+    import h5py
+
+    data_dir = dataset_dir(dataset_id, root)
+    try:
+        metadata = json.loads((data_dir / METADATA_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        report.problems.append(f"{dataset_id}: {data_dir / METADATA_FILE} unreadable ({exc})")
+        return
+    path = main_data_path(data_dir)
+    try:
+        file = h5py.File(path, "r")
+    except OSError as exc:
+        report.problems.append(f"{dataset_id}: {path} unreadable ({exc})")
+        return
+    with file:
+        names = set(file)
+        expected = int(metadata.get("total_episodes", -1))
+        wanted = {f"episode_{i}" for i in range(max(expected, 0))}
+        if names != wanted:
+            missing = sorted(wanted - names, key=lambda n: int(n.rsplit("_", 1)[1]))
+            extra = sorted(names - wanted)
+            report.problems.append(
+                f"{dataset_id}: {path} holds {len(names)} episodes, its metadata says "
+                f"{expected}"
+                + (f"; missing {', '.join(missing[:5])}" if missing else "")
+                + (f"; unexpected {', '.join(extra[:5])}" if extra else "")
+            )
+        steps = 0
+        for name in sorted(names & wanted, key=lambda n: int(n.rsplit("_", 1)[1])):
+            group = file[name]
+            where = f"{dataset_id} {name}"
+            try:
+                check_self_contained(group, f"{path} {name}")
+                recorded = group.attrs.get(DIGEST_ATTRIBUTE)
+                if recorded is None:
+                    report.problems.append(
+                        f"{where}: no digest recorded (converted before checksums); reconvert "
+                        "it, or compare it with the raw data (--raw)"
+                    )
+                elif episode_digest(group) != recorded:
+                    report.problems.append(
+                        f"{where}: stored bytes differ from those written (digest mismatch): "
+                        "the file was damaged or changed after conversion"
+                    )
+                n = int(group["actions"].shape[0])
+            except (OSError, KeyError, ValueError) as exc:
+                report.problems.append(f"{where}: unreadable ({exc})")
+                continue
+            steps += n
+            report.episodes_checked += 1
+            report.frames_checked += n
+        if "total_steps" in metadata and steps != int(metadata["total_steps"]) and names == wanted:
+            report.problems.append(
+                f"{dataset_id}: episodes hold {steps} steps, its metadata says "
+                f"{metadata['total_steps']}"
+            )
+
+
+def verify_datasets(
+    dataset_ids: list[str],
+    *,
+    root: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> VerificationReport:
+    """`verify_stored` for several datasets under `root` (default: Minari's): no raw data."""
+    report = VerificationReport()
+    for dataset_id in dataset_ids:
+        verify_stored(dataset_id, report, root)
+        log(f"checked {dataset_id}")
+    return report
 
 
 def verify(

@@ -23,7 +23,7 @@ import numpy as np
 import zstandard
 
 from .episode import FRAME_SHAPE
-from .storage import FRAME_CHUNK, ZSTD_FILTER_ID
+from .storage import FRAME_CHUNK, ZSTD_FILTER_ID, DamagedDatasetError
 
 _FILTER_SKIPPED = 1
 """Bit 0 of a chunk's filter mask: the zstd filter (the only one) was not applied."""
@@ -31,7 +31,7 @@ _FILTER_SKIPPED = 1
 _FRAME_BYTES = int(np.prod(FRAME_SHAPE))
 
 
-class StoredFramesError(ValueError):
+class StoredFramesError(DamagedDatasetError):
     """A stored observations dataset that cannot be read as frames; names the file and chunk."""
 
 
@@ -68,7 +68,12 @@ class StoredFrames:
         if count <= 0 or out.shape != (self.chunk_frames, *FRAME_SHAPE):
             raise IndexError(f"{self.name}: no chunk {index} into a {out.shape} buffer")
         if not self._direct:
-            self.dataset.read_direct(out, np.s_[start : start + count], np.s_[:count])
+            try:  # portable (gzip + Fletcher-32) and other layouts: HDF5 checks and decodes
+                self.dataset.read_direct(out, np.s_[start : start + count], np.s_[:count])
+            except OSError as exc:
+                raise StoredFramesError(
+                    f"{self.name}: frames {start}..{start + count - 1} damaged ({exc})"
+                ) from exc
             return out[:count]
         try:
             filter_mask, compressed = self.dataset.id.read_direct_chunk((start, 0, 0, 0))
@@ -114,6 +119,8 @@ def _decompress_into(compressed: bytes, target: memoryview, where: str) -> None:
             if read == 0:
                 break
             filled += read
+        if filled == len(target) and reader.read(1):  # also checks the frame's checksum
+            raise StoredFramesError(f"{where}: zstd frame holds more than {len(target)} bytes")
     except zstandard.ZstdError as exc:
         raise StoredFramesError(f"{where}: corrupt zstd data: {exc}") from exc
     if filled != len(target):

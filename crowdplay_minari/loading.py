@@ -27,6 +27,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +57,11 @@ from .storage import (
     datasets_root,
     local_dataset_ids,
     main_data_path,
+    read_array,
 )
 
 CACHE_ENV = "CROWDPLAY_MINARI_CACHE"
-_CACHE_FORMAT = 4  # bump when processing or the file layout changes (4: FrameStacks records)
+_CACHE_FORMAT = 5  # bump when processing or the file layout changes (5: CRC-32 record)
 _CACHE_FIELDS = ("frames", "rows", "actions", "rewards", "terminals", "timeouts", "frame_indices")
 
 
@@ -178,16 +181,16 @@ class EpisodeView:
             )
 
     def _step_arrays(self, group: h5py.Group) -> dict[str, np.ndarray]:
-        rewards = group["rewards"][()]
+        rewards = read_array(group["rewards"])
         # The converter records the return as a Python int exactly when the raw rewards were
         # integers; summing them as floats would change the processed rewards' dtype.
         if isinstance(self.metadata.get("episode_return"), int):
             rewards = rewards.astype(np.int64)
         return {
-            "actions": group["actions"][()],
+            "actions": read_array(group["actions"]),
             "rewards": rewards,
-            "terminations": group["terminations"][()],
-            "truncations": group["truncations"][()],
+            "terminations": read_array(group["terminations"]),
+            "truncations": read_array(group["truncations"]),
         }
 
     def process(self, config: ProcessingConfig, *, cache: bool = True) -> ProcessedTrajectory:
@@ -335,34 +338,60 @@ class EpisodeView:
 
 def _read_group(group: h5py.Group) -> dict[str, Any]:
     return {
-        key: _read_group(value) if isinstance(value, h5py.Group) else value[()]
+        key: _read_group(value) if isinstance(value, h5py.Group) else read_array(value)
         for key, value in group.items()
     }
 
 
 def _atomic_save(path: Path, compact: CompactTrajectory) -> None:
-    """One cache entry: the arrays as consecutive `.npy` records, in `_CACHE_FIELDS` order.
+    """One cache entry: the arrays as consecutive `.npy` records, in `_CACHE_FIELDS` order, then
+    a record of their CRC-32s, which every read checks (a flipped byte is recomputed, never
+    returned). Concurrent loaders each write a temporary file of their own and rename it into
+    place, so an entry is whole whoever wrote it last.
 
     Plain records rather than `np.savez`: a zip container checksums and copies every byte, which
     cost a quarter of a cold load; these are written with `tofile` and read with `readinto`."""
     arrays = {"frames": compact.stacks.frames, "rows": compact.stacks.rows}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
+            crcs = []
             for name in _CACHE_FIELDS:
-                array = arrays[name] if name in arrays else getattr(compact, name)
-                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+                array = np.ascontiguousarray(
+                    arrays[name] if name in arrays else getattr(compact, name)
+                )
+                np.lib.format.write_array(f, array, allow_pickle=False)
+                crcs.append(zlib.crc32(array))
+            np.lib.format.write_array(f, np.array(crcs, np.uint32), allow_pickle=False)
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a full disk only costs the cache, never the result
 
 
+def check_cache(cache_dir: Path | None = None) -> list[str]:
+    """Read every processed-cache entry under `cache_dir` (default: `default_cache_dir()`) and
+    check its checksums; returns one line per damaged entry (the loader would recompute it)."""
+    problems = []
+    for path in sorted(Path(cache_dir or default_cache_dir()).rglob("*.npys")):
+        try:
+            _read_cache_entry(path)
+        except (OSError, ValueError, EOFError) as exc:
+            problems.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+    return problems
+
+
 def _read_cache_entry(path: Path) -> CompactTrajectory:
     with open(path, "rb") as f:
         arrays = {name: np.lib.format.read_array(f, allow_pickle=False) for name in _CACHE_FIELDS}
+        crcs = np.lib.format.read_array(f, allow_pickle=False)
         if f.read(1):
             raise ValueError(f"{path}: trailing data in cache entry")
+    if crcs.dtype != np.uint32 or crcs.shape != (len(_CACHE_FIELDS),):
+        raise ValueError(f"{path}: cache entry has no checksums")
+    for (name, array), crc in zip(arrays.items(), crcs, strict=True):
+        if zlib.crc32(np.ascontiguousarray(array)) != crc:
+            raise ValueError(f"{path}: cache entry's {name} fails its checksum")
     frames, rows = arrays.pop("frames"), arrays.pop("rows")
     if frames.dtype != np.uint8 or rows.ndim != 2 or len(rows) != len(arrays["actions"]):
         raise ValueError(f"{path}: inconsistent cache entry")

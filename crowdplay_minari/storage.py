@@ -12,9 +12,11 @@ what Minari calls the datasets path). `None` means Minari's default resolution:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import zstandard
 
 DATA_DIR = "data"
@@ -37,14 +39,85 @@ FRAME_ZSTD = zstandard.ZstdCompressionParameters(
     min_match=5,
     strategy=zstandard.STRATEGY_LAZY2,
     write_content_size=True,  # hdf5plugin's decoder sizes its output from it
+    write_checksum=True,  # each chunk carries a checksum of its frames, checked on every read
 )
 SMALL_ZSTD_LEVEL = 9  # per-step scalars and RAM: 19 costs 20% of the writing for 3% of bytes
 LIBVER = "latest"  # compact chunk indexes: ~3 KB less per dataset than HDF5's v1 B-trees
+
+PORTABLE_GZIP_LEVEL = 6
+"""`--portable` datasets: deflate (HDF5's built-in gzip filter), which every HDF5 build reads."""
+
+DIGEST_ATTRIBUTE = "crowdplay_sha256"
+"""Episode attribute: sha256 of the episode as stored (`episode_digest`), recorded when it is
+written; `crowdplay-minari verify` recomputes it without the raw data."""
+DIGEST_EXCLUDED_ATTRIBUTES = frozenset({DIGEST_ATTRIBUTE, "id", "total_steps"})
+"""Attributes outside the digest: the digest itself, and what Minari's publishing numbers."""
 
 VALUE_TYPES_ATTRIBUTE = "crowdplay_value_types"
 """Episode attribute: JSON map of attribute path -> the CrowdPlay type it was encoded from."""
 SLASH_SUBSTITUTE = "\u2215"
 """A `/` inside a CrowdPlay key would split an HDF5 path; it is stored as U+2215."""
+
+
+def small_array_filters(portable: bool = False) -> dict:
+    """h5py keyword arguments for the per-step arrays: compressed, with HDF5's Fletcher-32
+    checksum, which HDF5 checks on every read (a flipped byte is an error, never a value)."""
+    if portable:
+        return {"compression": "gzip", "compression_opts": PORTABLE_GZIP_LEVEL, "fletcher32": True}
+    import hdf5plugin
+
+    return {**hdf5plugin.Zstd(clevel=SMALL_ZSTD_LEVEL), "fletcher32": True}
+
+
+def episode_digest(group) -> str:
+    """sha256 of one episode group as stored: every dataset's shape, type, filters and stored
+    chunk bytes (as HDF5 keeps them, so nothing is decoded), and every attribute but
+    `DIGEST_EXCLUDED_ATTRIBUTES`, all in name order. Copying the group (H5Ocopy) keeps it."""
+    import h5py
+
+    digest = hashlib.sha256()
+
+    def feed(*parts: bytes | str) -> None:
+        for part in parts:
+            data = part.encode() if isinstance(part, str) else part
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+
+    def attributes(node) -> None:
+        for name in sorted(node.attrs):
+            if node.name == group.name and name in DIGEST_EXCLUDED_ATTRIBUTES:
+                continue
+            value = node.attrs[name]
+            if isinstance(value, str | bytes):
+                feed("attr", name, "s", value)
+            else:
+                array = np.asarray(value)
+                feed("attr", name, array.dtype.str, repr(array.shape), array.tobytes())
+
+    def visit(node) -> None:
+        attributes(node)
+        for name in sorted(node):
+            item = node[name]
+            if isinstance(item, h5py.Group):
+                feed("group", name)
+                visit(item)
+                continue
+            plist = item.id.get_create_plist()
+            filters = [plist.get_filter(i)[:3] for i in range(plist.get_nfilters())]
+            feed("dataset", name, item.dtype.str, repr(item.shape), repr(filters))
+            attributes(item)
+            if item.chunks is None:
+                feed(np.ascontiguousarray(item[()]).tobytes())
+                continue
+            offsets = sorted(
+                item.id.get_chunk_info(i).chunk_offset for i in range(item.id.get_num_chunks())
+            )
+            for offset in offsets:
+                mask, stored = item.id.read_direct_chunk(offset)
+                feed(repr(offset), str(mask), stored)
+
+    visit(group)
+    return digest.hexdigest()
 
 
 def datasets_root(root: str | os.PathLike | None = None) -> Path:
@@ -80,6 +153,22 @@ def local_dataset_ids(root: str | os.PathLike | None = None, prefix: str = "") -
         if dataset_id.startswith(prefix):
             found.append(dataset_id)
     return sorted(found)
+
+
+class DamagedDatasetError(ValueError):
+    """A stored array that fails its checksum or cannot be decoded; names the file and array."""
+
+
+def read_array(dataset) -> np.ndarray:
+    """All of an HDF5 dataset, its checksums checked by HDF5 (`small_array_filters`); a
+    damaged one raises `DamagedDatasetError` instead of h5py's bare OSError."""
+    try:
+        return dataset[()]
+    except OSError as exc:
+        raise DamagedDatasetError(
+            f"{dataset.file.filename}:{dataset.name}: damaged (checksum or decoding failed: "
+            f"{exc}); reconvert this dataset or restore it from a copy"
+        ) from exc
 
 
 class ForeignStorageError(ValueError):

@@ -23,7 +23,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def test_every_command_and_option_has_help_and_an_example() -> None:
     commands = _subparsers(build_parser())
-    assert set(commands) == {"sample", "download", "convert", "verify", "bench", "demo"}
+    assert set(commands) == {"sample", "download", "convert", "verify", "portable", "bench", "demo"}
     for name, parser in commands.items():
         assert "examples:\n  crowdplay-minari " + name in parser.epilog, name
         assert EXIT_STATUSES in parser.epilog
