@@ -11,6 +11,13 @@ it):
    recompression), then swapped into place with directory renames. Minari never sees a
    half-written dataset.
 
+Which episodes, and which of their agents, a run converts is an `EpisodeSelection` (games, tasks,
+sources, agent kind, minimum score, episode ids; default: all), resolved from `dataset.sqlite`
+before any trajectory file is opened. `plan_conversion` says what a run would publish, with
+estimated frames and bytes, writing nothing (the dry run). Publishing keeps every episode a
+dataset already holds, so runs of different selections add up and never shrink a dataset, and
+a wider run after a narrow one converts only what is new.
+
 A corrupt, truncated, missing or malicious input file is reported by name (stdout and
 `<root>/<namespace>/conversion_report.json`); every other episode still converts, and the exit
 status of the command is 2.
@@ -47,13 +54,16 @@ from crowdplay_minari.raw import (
     parse_steps,
     trajectory_files,
 )
+from crowdplay_minari.raw.selection import EpisodeSelection, SelectedEpisodes, metadata_frames
 from crowdplay_minari.storage import (
     DATA_DIR,
     LIBVER,
     METADATA_FILE,
     NAMESPACE_METADATA_FILE,
+    is_portable,
     main_data_path,
 )
+from crowdplay_minari.storage import datasets_root as storage_datasets_root
 
 from .episode_writer import FrameChunkCompressor, write_staged_episode
 from .layout import (
@@ -96,6 +106,8 @@ class EpisodeJob:
     """The trajectory file's bytes, shipped to a worker that cannot see the driver's files
     (a Ray cluster without a shared file system); None: the worker reads `raw_root`."""
     trajectory_name: str = ""
+    portable: bool = False
+    """Write with HDF5's built-in filters only (`conversion.portable`)."""
 
 
 @dataclass
@@ -185,7 +197,11 @@ def _stage_episode(job: EpisodeJob) -> EpisodeResult:
             target = job.staging / "episodes" / _slug(key.dataset_id)
             target.mkdir(parents=True, exist_ok=True)
             write_staged_episode(
-                target / f"{meta.episode_id}.h5", episode, episode.agents[agent_id], compressor
+                target / f"{meta.episode_id}.h5",
+                episode,
+                episode.agents[agent_id],
+                compressor,
+                portable=job.portable,
             )
             result.staged.append((key.dataset_id, agent_id))
         result.frames = episode.num_steps
@@ -269,7 +285,7 @@ def _new_storage_metadata(game: str, agent_id: str, task: str) -> str:
         return (data_path / METADATA_FILE_NAME).read_text()
 
 
-def publish_dataset(root: Path, staging: Path, key: DatasetKey) -> dict:
+def publish_dataset(root: Path, staging: Path, key: DatasetKey, portable: bool = False) -> dict:
     """Assemble published + staged episodes into a new Minari dataset and swap it into place."""
     from minari.dataset._storages import get_minari_storage
     from minari.dataset.minari_storage import METADATA_FILE_NAME
@@ -319,7 +335,7 @@ def publish_dataset(root: Path, staging: Path, key: DatasetKey) -> dict:
                 group.attrs["id"] = index
                 group.attrs["total_steps"] = steps
                 total_steps += steps
-    metadata = dataset_metadata(key)
+    metadata = dataset_metadata(key, portable=portable)
     metadata.update({"total_episodes": len(sources), "total_steps": total_steps})
     storage.update_metadata(metadata)
     storage.update_metadata({"dataset_size": storage.get_size()})
@@ -350,11 +366,11 @@ def publish_dataset(root: Path, staging: Path, key: DatasetKey) -> dict:
     return {"episodes": len(sources), "steps": total_steps}
 
 
-def _publish(root: Path, staging: Path, key: DatasetKey) -> dict:
+def _publish(root: Path, staging: Path, key: DatasetKey, portable: bool) -> dict:
     """`publish_dataset`; on a full disk, the half-built copy is removed (the published dataset
     was never touched) and `files.DiskFull` says how much space the new dataset needs."""
     try:
-        return publish_dataset(root, staging, key)
+        return publish_dataset(root, staging, key, portable)
     except OSError as exc:
         if not files.is_disk_full(exc):
             raise
@@ -433,7 +449,10 @@ def _ensure_namespaces(root: Path, namespace: str, games: Iterable[str]) -> None
 
 @dataclass(frozen=True)
 class ConversionConfig:
-    """Options of one conversion run."""
+    """Options of one conversion run.
+
+    `selection` picks the episodes, and the agents of each, to convert (default: all of them);
+    `episode_ids` is short for `selection=EpisodeSelection(episode_ids=...)`."""
 
     raw_dir: Path
     root: Path | None = None  # Minari datasets root; None: $MINARI_DATASETS_PATH or default
@@ -443,6 +462,19 @@ class ConversionConfig:
     ray_address: str | None = None
     episode_ids: tuple[str, ...] | None = None  # convert only these
     progress: bool = True
+    selection: EpisodeSelection = EpisodeSelection()
+    portable: bool = False  # HDF5's built-in filters only: stock minari[hdf5] reads them
+
+    def __post_init__(self) -> None:
+        if self.episode_ids is None:
+            return
+        ids = tuple(dict.fromkeys(self.episode_ids))
+        if self.selection.episode_ids not in (None, ids):
+            raise ValueError(
+                "ConversionConfig: give the episode ids once, as episode_ids or in selection"
+            )
+        object.__setattr__(self, "episode_ids", ids)
+        object.__setattr__(self, "selection", dataclasses.replace(self.selection, episode_ids=ids))
 
 
 @dataclass
@@ -458,81 +490,337 @@ class ConversionReport:
     seconds: float = 0.0
     skipped: list[dict] = field(default_factory=list)
     datasets: dict[str, dict] = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)
+    """The `EpisodeSelection` the run converted (its fields; None: not restricted)."""
 
     @property
     def ok(self) -> bool:
         return not self.skipped
 
 
+# -- what a run will do (the dry run) ----------------------------------------------------------
+
+CONVERTED_BYTES_PER_AGENT_FRAME = 110
+"""`main_data.hdf5` bytes per agent frame, measured over the emulator sample
+(`benchmarks/bench_conversion.py`, README "Measured numbers"): the basis of the size estimate.
+Screens that change more from frame to frame than the sample's compress less."""
+DATASET_METADATA_BYTES = 944_000
+"""A dataset's `metadata.json` (Minari writes out the bounds of the (210, 160, 3) image space)."""
+RAW_BYTES_PER_FRAME = {".pickle.bz2": 191, ".pickle.gz": 1_462, ".pickle": 101_606}
+"""Trajectory file bytes per frame, measured over the sample (README "Measured numbers"): the
+frame estimate of an episode whose metadata has no `Time played`."""
+
+
+@dataclass(frozen=True)
+class FrameCount:
+    """A number of frames known before any trajectory is read: between `low` and `high`."""
+
+    low: int = 0
+    high: int = 0
+    from_file_size: int = 0
+    """Episodes counted whose metadata has no `Time played`: their frames are guessed from the
+    trajectory file's size (`RAW_BYTES_PER_FRAME`), within a factor of two."""
+
+    @property
+    def estimate(self) -> int:
+        return (self.low + self.high) // 2
+
+    def __add__(self, other: FrameCount) -> FrameCount:
+        return FrameCount(
+            self.low + other.low,
+            self.high + other.high,
+            self.from_file_size + other.from_file_size,
+        )
+
+    @classmethod
+    def of(cls, meta: EpisodeMetadata, agent_id: str, trajectory: Path) -> FrameCount:
+        """The agent's frames by its `Time played` (whole seconds: 60 possible counts), else
+        by the size of its trajectory file."""
+        bounds = metadata_frames(meta, agent_id)
+        if bounds is not None:
+            return cls(*bounds)
+        suffix = next(s for s in RAW_BYTES_PER_FRAME if trajectory.name.endswith(s))
+        guess = max(1, trajectory.stat().st_size // RAW_BYTES_PER_FRAME[suffix])
+        return cls(max(1, guess // 2), guess * 2, from_file_size=1)
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """What a conversion does to one dataset its selection touches."""
+
+    key: DatasetKey
+    published: frozenset[str]
+    """CrowdPlay episode ids the published dataset holds now: all kept, whatever the selection."""
+    staged: frozenset[str]
+    """Episodes an interrupted run staged: this run publishes them."""
+    new: tuple[str, ...] = ()
+    """Episodes this run stages for the dataset."""
+    new_frames: FrameCount = FrameCount()
+    bytes_now: int = 0
+    """The dataset's size on disk now (0: not published yet)."""
+    staged_bytes: int = 0
+
+    @property
+    def writes(self) -> bool:
+        """Whether the run publishes the dataset anew (it has episodes to add)."""
+        return bool(self.new or self.staged)
+
+    @property
+    def episodes_after(self) -> int:
+        return len(self.published | self.staged | set(self.new))
+
+    @property
+    def estimated_bytes_after(self) -> int:
+        """Its size once published: as now, plus the staged files, plus the new agent frames
+        at `CONVERTED_BYTES_PER_AGENT_FRAME` (and `DATASET_METADATA_BYTES` if it is new)."""
+        if not self.writes:
+            return self.bytes_now
+        new = self.new_frames.estimate * CONVERTED_BYTES_PER_AGENT_FRAME
+        return (self.bytes_now or DATASET_METADATA_BYTES) + self.staged_bytes + new
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What `convert` does with a configuration, decided from the metadata database, the
+    published datasets and the staging folder, before any trajectory file is opened."""
+
+    root: Path
+    selection: EpisodeSelection
+    episodes_selected: int
+    episodes_total: int
+    """Selected episodes plus the invalid metadata rows reported (the report's)."""
+    jobs: tuple[EpisodeJob, ...]
+    """Episodes to stage, with the agents each still lacks; largest trajectory first."""
+    frames: FrameCount
+    """Frames of the episodes to stage, each counted once (the report's `frames_converted`)."""
+    datasets: dict[str, DatasetPlan]
+    already_done: int
+    skipped: tuple[dict, ...]
+    """Entries the report lists as skipped before staging (invalid rows, unsafe paths)."""
+    missing: tuple[str, ...]
+    """Episodes to stage that have no trajectory file: the run reports them as skipped."""
+    unscored: int
+    """Agents `min_score` left out because the metadata holds no `Score` for them."""
+
+    @property
+    def episodes_to_convert(self) -> int:
+        """Episodes the run converts (the report's `episodes_converted`, unless a trajectory
+        turns out corrupt)."""
+        return len(self.jobs) - len(self.missing)
+
+    @property
+    def writing(self) -> dict[str, DatasetPlan]:
+        """The datasets the run publishes anew."""
+        return {d: p for d, p in sorted(self.datasets.items()) if p.writes}
+
+
+def plan_conversion(config: ConversionConfig) -> ConversionPlan:
+    """What `convert(config)` would do, with nothing written: no dataset, report, lock or
+    staging file, not even the datasets folder. `SelectionError` (a `ValueError`) when the
+    selection names an episode the database lacks or matches nothing."""
+    raw = RawDataset(config.raw_dir)
+    root = storage_datasets_root(config.root).resolve()
+    return _plan(config, root, raw, _select(config, raw))
+
+
+def _select(config: ConversionConfig, raw: RawDataset) -> SelectedEpisodes:
+    return config.selection.resolve(
+        raw.metadata(), _agents_of, rejected=raw.rejected, where=raw.db_path
+    )
+
+
+def _plan(
+    config: ConversionConfig, root: Path, raw: RawDataset, selected: SelectedEpisodes
+) -> ConversionPlan:
+    """Which agents of the selected episodes still need staging (an agent is done once its
+    dataset holds the episode, published or staged) and what each dataset will hold. Reads
+    only: the dry run is this."""
+    staging = root / STAGING_DIR
+    raw_dir = Path(config.raw_dir)
+    all_meta = raw.metadata()
+    skipped = [
+        {"episode_id": name, "file": str(raw.db_path), "error": problem}
+        for name, problem in sorted(raw.rejected.items())
+        # an invalid row's game and task are unknown: reported unless other ids are named
+        if config.selection.episode_ids is None or name in config.selection.episode_ids
+    ]
+    episodes_total = len(selected.agents) + len(skipped)
+    moved_aside = _moved_aside(staging)
+    datasets: dict[str, DatasetPlan] = {}
+    new: dict[str, list[str]] = {}
+    new_frames: dict[str, FrameCount] = {}
+    sized_jobs: list[tuple[int, EpisodeJob]] = []
+    missing: list[str] = []
+    frames = FrameCount()
+    already_done = 0
+    for episode_id, agents in selected.agents.items():
+        meta = all_meta[episode_id]
+        todo = []
+        for agent_id in agents:
+            key = DatasetKey(config.namespace, meta.game, meta.task, agent_id)
+            dataset = datasets.get(key.dataset_id)
+            if dataset is None:
+                _check_inside(root, key.dataset_id)
+                dataset = datasets[key.dataset_id] = _dataset_now(root, key, moved_aside)
+                _check_format(root, key, moved_aside, config.portable)
+            if episode_id not in dataset.published and episode_id not in dataset.staged:
+                todo.append(agent_id)
+        if not todo:
+            already_done += 1
+            continue
+        try:  # refused here, before any worker: a trajectory symlinked out of the raw dir
+            trajectories = trajectory_files(raw_dir, episode_id)
+        except CrowdPlayDataError as exc:
+            skipped.append({"episode_id": episode_id, "file": str(exc.path), "error": exc.problem})
+            continue
+        job = EpisodeJob(
+            raw_dir, meta, config.namespace, staging, tuple(todo), portable=config.portable
+        )
+        if not trajectories:  # the worker reports it, by name
+            missing.append(episode_id)
+            sized_jobs.append((0, job))
+            continue
+        sized_jobs.append((trajectories[0].stat().st_size, job))
+        frames += FrameCount.of(meta, todo[0], trajectories[0])
+        for agent_id in todo:
+            dataset_id = DatasetKey(config.namespace, meta.game, meta.task, agent_id).dataset_id
+            new.setdefault(dataset_id, []).append(episode_id)
+            counted = new_frames.get(dataset_id, FrameCount())
+            new_frames[dataset_id] = counted + FrameCount.of(meta, agent_id, trajectories[0])
+    for dataset_id, episodes in new.items():
+        datasets[dataset_id] = dataclasses.replace(
+            datasets[dataset_id], new=tuple(episodes), new_frames=new_frames[dataset_id]
+        )
+    # Largest first, so that no worker is left converting one long episode at the end while
+    # the others idle (longest-processing-time-first scheduling).
+    sized_jobs.sort(key=lambda sized: sized[0], reverse=True)
+    return ConversionPlan(
+        root=root,
+        selection=config.selection,
+        episodes_selected=len(selected.agents),
+        episodes_total=episodes_total,
+        jobs=tuple(job for _, job in sized_jobs),
+        frames=frames,
+        datasets=datasets,
+        already_done=already_done,
+        skipped=tuple(skipped),
+        missing=tuple(missing),
+        unscored=len(selected.unscored),
+    )
+
+
+def _dataset_now(root: Path, key: DatasetKey, moved_aside: dict[Path, Path]) -> DatasetPlan:
+    """A dataset as it is before the run: published episodes, staged ones, bytes on disk."""
+    final_dir = root / key.dataset_id
+    published_dir = moved_aside.get(final_dir, final_dir)
+    staged_dir = root / STAGING_DIR / "episodes" / _slug(key.dataset_id)
+    staged = sorted(staged_dir.glob("*.h5")) if staged_dir.exists() else []
+    data_dir = published_dir / DATA_DIR
+    on_disk = [p for p in data_dir.rglob("*") if p.is_file()] if data_dir.exists() else []
+    return DatasetPlan(
+        key,
+        published=frozenset(published_episode_ids(published_dir)),
+        staged=frozenset(p.stem for p in staged),
+        bytes_now=sum(p.stat().st_size for p in on_disk),
+        staged_bytes=sum(p.stat().st_size for p in staged),
+    )
+
+
+class StorageFormatError(ValueError):
+    """A run that would mix portable and default episodes in one dataset."""
+
+
+def _check_format(
+    root: Path, key: DatasetKey, moved_aside: dict[Path, Path], portable: bool
+) -> None:
+    """Refuse to add episodes of one storage format to a dataset (published or staged) of the
+    other: a dataset is one or the other, as its metadata's requirements say."""
+    final_dir = root / key.dataset_id
+    main = main_data_path(moved_aside.get(final_dir, final_dir) / DATA_DIR)
+    staged_dir = root / STAGING_DIR / "episodes" / _slug(key.dataset_id)
+    candidates = [main] if main.exists() else []
+    candidates += sorted(staged_dir.glob("*.h5"))[:1] if staged_dir.exists() else []
+    for path in candidates:
+        with h5py.File(path, "r") as file:
+            group = file if path != main else file[next(iter(file))] if len(file) else None
+            if group is None or "observations" not in group:
+                continue
+            if is_portable(group["observations"]) != portable:
+                held = "default (zstd)" if portable else "portable"
+                raise StorageFormatError(
+                    f"{key.dataset_id} under {root} holds {held} episodes; convert "
+                    f"{'without' if portable else 'with'} --portable, or into another --root "
+                    "(`crowdplay-minari portable` copies existing datasets)"
+                )
+
+
+def _moved_aside(staging: Path) -> dict[Path, Path]:
+    """Published datasets an interrupted swap left moved aside (their path -> where they lie),
+    which a run puts back first (`_recover_swaps`); read here without moving them."""
+    aside = {}
+    for note in sorted((staging / "trash").glob("*.for")):
+        trash, final_dir = note.with_suffix(""), Path(note.read_text())
+        if trash.exists() and not final_dir.exists():
+            aside[final_dir] = trash
+    return aside
+
+
+# -- converting --------------------------------------------------------------------------------
+
+
 def convert(config: ConversionConfig, log: Callable[[str], None] = print) -> ConversionReport:
     """Run (or resume) a conversion; returns the report, also written next to the datasets.
 
+    The selection is resolved from the metadata first: one that names an episode the database
+    lacks, or matches nothing, raises `SelectionError` before anything is written. Episodes
+    already in a dataset are never converted again nor removed, so a run of one selection
+    adds to the datasets other selections made.
+
     One conversion per datasets root at a time: a second one into the same root stops at once
     with `files.OutputInUse` (its staging and publishing would interleave with the first's)."""
+    raw = RawDataset(config.raw_dir)
+    selected = _select(config, raw)
     root = datasets_root(config.root)
     root.mkdir(parents=True, exist_ok=True)
     with files.exclusive(root / LOCK_NAME, f"datasets into {root}"):
-        return _convert(config, root, log)
+        return _convert(config, root, raw, selected, log)
 
 
-def _convert(config: ConversionConfig, root: Path, log: Callable[[str], None]) -> ConversionReport:
+def _convert(
+    config: ConversionConfig,
+    root: Path,
+    raw: RawDataset,
+    selected: SelectedEpisodes,
+    log: Callable[[str], None],
+) -> ConversionReport:
     started = time.perf_counter()
     staging = root / STAGING_DIR
     _recover_swaps(staging)
     for tmp in staging.glob("episodes/*/*.tmp"):
         tmp.unlink()  # left by a killed run
-    raw = RawDataset(config.raw_dir)
-    all_meta = raw.metadata()
-    ids = list(config.episode_ids) if config.episode_ids is not None else sorted(all_meta)
+    plan = _plan(config, root, raw, selected)
     report = ConversionReport(
-        str(config.raw_dir), str(root), dt.datetime.now().isoformat(timespec="seconds")
+        str(config.raw_dir),
+        str(root),
+        dt.datetime.now().isoformat(timespec="seconds"),
+        selection=dataclasses.asdict(config.selection),
     )
-    report.episodes_total = len(ids) + len(raw.rejected)
-    for name, problem in sorted(raw.rejected.items()):  # bad metadata rows: named, skipped
-        report.skipped.append({"episode_id": name, "file": str(raw.db_path), "error": problem})
-        log(f"SKIPPED {raw.db_path} (episode {name}): {problem}")
-
-    # Which agents of which episodes still need staging?
-    keys: dict[str, DatasetKey] = {}
-    published: dict[str, set[str]] = {}
-    jobs: list[EpisodeJob] = []
-    for episode_id in ids:
-        meta = all_meta.get(episode_id)
-        if meta is None:
-            report.skipped.append(
-                {"episode_id": episode_id, "file": str(raw.db_path), "error": "not in database"}
-            )
-            continue
-        agents = _agents_of(meta)
-        todo = []
-        for agent_id in agents:
-            key = DatasetKey(config.namespace, meta.game, meta.task, agent_id)
-            _check_inside(root, key.dataset_id)
-            keys[key.dataset_id] = key
-            if key.dataset_id not in published:
-                published[key.dataset_id] = set(published_episode_ids(root / key.dataset_id))
-            staged = staging / "episodes" / _slug(key.dataset_id) / f"{episode_id}.h5"
-            if episode_id not in published[key.dataset_id] and not staged.exists():
-                todo.append(agent_id)
-        if todo:
-            try:  # refused here, before any worker: a trajectory symlinked out of the raw dir
-                trajectory_files(Path(config.raw_dir), episode_id)
-            except CrowdPlayDataError as exc:
-                report.skipped.append(
-                    {"episode_id": episode_id, "file": str(exc.path), "error": exc.problem}
-                )
-                log(f"SKIPPED {exc}")
-                continue
-            jobs.append(
-                EpisodeJob(Path(config.raw_dir), meta, config.namespace, staging, tuple(todo))
-            )
-        else:
-            report.episodes_already_done += 1
+    report.episodes_total = plan.episodes_total
+    if config.selection.restricts:
+        log(
+            f"selected {plan.episodes_selected} of {len(raw.metadata())} episode(s): "
+            f"{config.selection}"
+        )
+    if plan.unscored:
+        log(f"min_score left out {plan.unscored} agent(s) whose metadata holds no Score")
+    for entry in plan.skipped:  # bad metadata rows, unsafe paths: named, skipped
+        report.skipped.append(entry)
+        log(f"SKIPPED {entry['file']} (episode {entry['episode_id']}): {entry['error']}")
+    report.episodes_already_done = plan.already_done
     if report.episodes_already_done:
         log(f"resuming: {report.episodes_already_done} episode(s) already converted")
-    # Largest first, so that no worker is left converting one long episode at the end while
-    # the others idle (longest-processing-time-first scheduling).
-    jobs.sort(key=lambda job: _trajectory_size(job.raw_root, job.metadata.episode_id), reverse=True)
+    jobs = list(plan.jobs)
+    keys = {dataset: planned.key for dataset, planned in plan.datasets.items()}
 
     from tqdm import tqdm
 
@@ -558,7 +846,9 @@ def _convert(config: ConversionConfig, root: Path, log: Callable[[str], None]) -
     def publish_when_staged(dataset: str) -> None:
         staged_dir = staging / "episodes" / _slug(dataset)
         if staged_dir.exists() and any(staged_dir.glob("*.h5")):
-            publishing[dataset] = publisher.submit(_publish, root, staging, keys[dataset])
+            publishing[dataset] = publisher.submit(
+                _publish, root, staging, keys[dataset], config.portable
+            )
 
     try:
         results = _stage_all(jobs, config)
@@ -612,11 +902,6 @@ def _check_inside(root: Path, dataset_id: str) -> None:
     """Belt and braces behind the reader's name checks: a dataset's folder is inside `root`."""
     if not (root / dataset_id).resolve().is_relative_to(root.resolve()):
         raise ValueError(f"dataset id {dataset_id!r} would lie outside the datasets root {root}")
-
-
-def _trajectory_size(raw_root: Path, episode_id: str) -> int:
-    files = trajectory_files(raw_root, episode_id)
-    return files[0].stat().st_size if files else 0
 
 
 def _agents_of(meta: EpisodeMetadata) -> list[str]:

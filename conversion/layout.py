@@ -36,11 +36,12 @@ DEFAULT_NAMESPACE = "crowdplay"
 DATASET_VERSION = 1
 """1: env specs run CrowdPlay's emulator set-up (multi-agent-ale-py), two-player ones too."""
 FINAL_OBSERVATION = "repeat_last"
-CODE_PERMALINK = f"https://pypi.org/project/crowdplay-minari/{__version__}/"
-AUTHOR = (
-    "CrowdPlay (Gerstgrasser, Trivedi, Parkes et al., ICLR 2022); converted by crowdplay-minari"
-)
-AUTHOR_EMAIL = "crowdplay-minari maintainers"
+CODE_PERMALINK = "https://github.com/Farama-Foundation/CrowdPlay"
+"""The source repository of the code that recorded the data (CrowdPlay, now kept by Farama);
+the converter's name and version are in each dataset's description."""
+AUTHORS = ["Matthias Gerstgrasser", "Rakshit Trivedi", "David C. Parkes"]
+"""CrowdPlay's authors (ICLR 2022). No `author_email`: none is published for the dataset, and
+Minari takes its absence rather than an address that is not one."""
 REQUIREMENTS = [
     "hdf5plugin>=5",
     "pillow>=10",
@@ -116,10 +117,11 @@ def description(key: DatasetKey) -> str:
             if two_player
             else "."
         )
+        + f" Converted by crowdplay-minari {__version__}."
     )
 
 
-def dataset_metadata(key: DatasetKey) -> dict:
+def dataset_metadata(key: DatasetKey, portable: bool = False) -> dict:
     """Minari metadata fields beyond what `MinariStorage.new` writes."""
     from crowdplay_minari.envs import eval_env_spec
 
@@ -127,10 +129,9 @@ def dataset_metadata(key: DatasetKey) -> dict:
     return {
         "dataset_id": key.dataset_id,
         "algorithm_name": "human",
-        "author": {AUTHOR},
-        "author_email": {AUTHOR_EMAIL},
+        "author": set(AUTHORS),
         "code_permalink": CODE_PERMALINK,
-        "description": description(key),
+        "description": portable_description(description(key)) if portable else description(key),
         "minari_version": _minari_version(),
         "eval_env_spec": eval_env_spec(
             key.game, player=player_index(key.agent_id), task=key.task
@@ -138,7 +139,7 @@ def dataset_metadata(key: DatasetKey) -> dict:
         "ref_min_score": info.random_score,
         "ref_max_score": info.human_score,
         "num_episodes_average_score": 0,
-        "requirements": REQUIREMENTS,
+        "requirements": PORTABLE_REQUIREMENTS if portable else REQUIREMENTS,
     }
 
 

@@ -69,6 +69,13 @@ def small_array_filters(portable: bool = False) -> dict:
     return {**hdf5plugin.Zstd(clevel=SMALL_ZSTD_LEVEL), "fletcher32": True}
 
 
+def is_portable(observations) -> bool:
+    """Whether an `observations` dataset is stored portably (deflate: HDF5's own filter)."""
+    plist = observations.id.get_create_plist()
+    filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+    return 1 in filters and ZSTD_FILTER_ID not in filters
+
+
 def episode_digest(group) -> str:
     """sha256 of one episode group as stored: every dataset's shape, type, filters and stored
     chunk bytes (as HDF5 keeps them, so nothing is decoded), and every attribute but

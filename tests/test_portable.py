@@ -127,3 +127,30 @@ def test_the_portable_command(converted_sample, tmp_path):
     assert again.stderr.count("\n") == 1 and "already exists" in again.stderr
     same = _cli("portable", "--root", str(source_root), "--to", str(source_root))
     assert same.returncode == EXIT_USAGE and "another root" in same.stderr
+
+
+def test_convert_portable_writes_the_same_episodes_portably(
+    converted_sample, raw_sample_bz2, tmp_path
+):
+    root = tmp_path / "minari"
+    args = ["convert", str(raw_sample_bz2), "--root", str(root), "--game", "riverraid"]
+    done = _cli(*args, "--portable", "--workers", "2", "--quiet")
+    assert done.returncode == EXIT_OK, done.stdout + done.stderr
+    (dataset_id,) = local_dataset_ids(root)
+    with h5py.File(main_data_path(dataset_dir(dataset_id, root)), "r") as file:
+        filters = [_filters(file[name]) for name in _dataset_names(file)]
+    assert filters and all(f <= BUILT_IN_FILTERS and 3 in f for f in filters)
+    metadata = json.loads((dataset_dir(dataset_id, root) / METADATA_FILE).read_text())
+    assert not any(r.startswith("hdf5plugin") for r in metadata["requirements"])
+    default = load_dataset(dataset_id, root=converted_sample[0]).episodes
+    portable = load_dataset(dataset_id, root=root).episodes
+    assert len(default) == len(portable) > 0
+    for a, b in zip(default, portable, strict=True):
+        x, y = a.load(), b.load()
+        assert np.array_equal(x.observations, y.observations)
+        assert np.array_equal(x.actions, y.actions) and np.array_equal(x.rewards, y.rewards)
+    assert verify_datasets([dataset_id], root=root, log=lambda _: None).ok
+
+    mixed = _cli(*args, "--quiet")  # default episodes into a portable dataset: refused
+    assert mixed.returncode == EXIT_USAGE, mixed.stdout + mixed.stderr
+    assert mixed.stderr.count("\n") == 1 and "with --portable" in mixed.stderr

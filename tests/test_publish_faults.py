@@ -91,6 +91,7 @@ def _crash(raw: Path, root: Path, step: str, mode: str) -> int:
         text=True,
         timeout=300,
     )
+    assert result.returncode == 86, result.stdout[-2000:] + result.stderr[-3000:]
     return result.returncode
 
 
