@@ -5,8 +5,6 @@ without the raw data, and a damaged processed-cache entry is recomputed, never r
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -26,8 +24,8 @@ from crowdplay_minari.storage import (
     local_dataset_ids,
     main_data_path,
 )
+from tests.commands import run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 STORED_ARRAYS = ["observations", "actions", "rewards", "terminations", "infos/ram", "infos/lives"]
 
 
@@ -132,28 +130,18 @@ def test_an_episode_without_a_digest_is_reported_not_passed(one_dataset):
     assert any("no digest recorded" in p for p in report.problems), report.problems
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "crowdplay_minari.benchmarks.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-
-
 def test_verify_command_without_raw_data(one_dataset, raw_sample_bz2):
     root, dataset_id = one_dataset
-    good = _cli("verify", "--root", str(root))
+    good = run_cli("verify", "--root", str(root))
     assert good.returncode == EXIT_OK, good.stdout + good.stderr
     assert "all intact" in good.stdout
 
-    wrong = _cli("verify", str(raw_sample_bz2), "--root", str(root))
+    wrong = run_cli("verify", str(raw_sample_bz2), "--root", str(root))
     assert wrong.returncode == EXIT_USAGE
     assert wrong.stderr.count("\n") == 1 and f"--raw {raw_sample_bz2}" in wrong.stderr
 
     _flip_stored_byte(_main(root, dataset_id), "observations", episode=0)
-    bad = _cli("verify", dataset_id, "--root", str(root))
+    bad = run_cli("verify", dataset_id, "--root", str(root))
     assert bad.returncode == EXIT_MISMATCH, bad.stdout + bad.stderr
     assert f"MISMATCH: {dataset_id} episode_0" in bad.stdout
     assert "Traceback" not in bad.stderr
@@ -189,3 +177,33 @@ def test_a_damaged_cache_entry_is_recomputed_never_returned(
     assert np.array_equal(again.stacks.frames, expected.stacks.frames)
     assert np.array_equal(again.actions, expected.actions)
     assert loading.check_cache(tmp_path / "cache") == []  # and written again, whole
+
+
+def test_a_full_disk_only_costs_the_cache_entry(converted_sample, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    root, _ = converted_sample
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    episode = load_dataset("crowdplay/riverraid", root=root).episodes[0]
+    config = ProcessingConfig.d3rlpy_preset()
+    expected = episode.compact(config, cache=False)
+
+    class FullDisk:
+        """`os` for loading.py, whose rename of a finished cache entry finds the disk full."""
+
+        def __getattr__(self, name: str):
+            return getattr(os, name)
+
+        def replace(self, src, dst) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loading, "os", FullDisk())
+        got = episode.compact(config)
+    assert np.array_equal(got.stacks.frames, expected.stacks.frames)
+    assert np.array_equal(got.actions, expected.actions)
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # no entry, no temporary file
+    episode.compact(config)
+    assert len(list(cache.rglob("*.npys"))) == 1  # with space, the entry is written

@@ -476,6 +476,52 @@ def test_torn_files_are_named_and_every_other_cell_still_reports(
 
 
 @pytest.mark.slow
+def test_a_full_disk_writing_the_reports_is_one_line_and_keeps_the_last_ones(
+    sample_root: Path, smoke_run: tuple[Path, float], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """ENOSPC while writing results.csv (raised by the real fsync of the real atomic writer):
+    one line, exit status 5, the previous results.csv whole, no partial file; a rerun with
+    space writes the reports."""
+    import errno
+
+    from crowdplay_minari import files
+    from crowdplay_minari.benchmarks.cli import main as cli_main
+    from crowdplay_minari.cli import EXIT_DISK_FULL
+
+    source, _ = smoke_run
+    out = tmp_path / "full"
+    shutil.copytree(source, out)
+    before = (out / "results.csv").read_text()
+    (out / "results.csv").write_text(before + "# a marker the rerun must not lose\n")
+    marked = (out / "results.csv").read_text()
+
+    class FullDisk:
+        """`os` for files.py, whose fsync of a results.csv finds the disk full."""
+
+        def __getattr__(self, name: str):
+            return getattr(os, name)
+
+        def fsync(self, fd: int) -> None:
+            if "results.csv" in os.readlink(f"/proc/self/fd/{fd}"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(sample_root / "minari"))
+    monkeypatch.setenv("CROWDPLAY_MINARI_CACHE", str(sample_root / "cache"))
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "os", FullDisk())
+        status = cli_main(["bench", *SMOKE_FLAGS, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == EXIT_DISK_FULL, err
+    assert err.count("\n") == 1 and "disk full" in err and "Traceback" not in err
+    assert (out / "results.csv").read_text() == marked  # the last complete reports stay
+    assert not list(out.glob(".results.csv.*.part"))
+
+    assert cli_main(["bench", *SMOKE_FLAGS, "--out", str(out)]) == 0
+    assert (out / "results.csv").read_text() == before
+
+
+@pytest.mark.slow
 def test_a_crashing_cell_is_recorded_and_the_grid_goes_on(sample_root: Path) -> None:
     out = sample_root / "with_failure"
     flags = [

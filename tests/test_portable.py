@@ -5,8 +5,6 @@ only, so stock `minari[hdf5]` reads them with no plugin (the fresh-venv read is 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -24,8 +22,8 @@ from crowdplay_minari.storage import (
     local_dataset_ids,
     main_data_path,
 )
+from tests.commands import run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 BUILT_IN_FILTERS = {1, 3}  # deflate, Fletcher-32: in every HDF5 build
 
 
@@ -106,26 +104,16 @@ def test_a_flipped_frame_byte_in_a_portable_copy_is_an_error_for_plain_minari(
         next(iter(plain.iterate_episodes([0])))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "crowdplay_minari.benchmarks.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-
-
 def test_the_portable_command(converted_sample, tmp_path):
     source_root = converted_sample[0]
     dataset_id = local_dataset_ids(source_root, prefix="crowdplay/riverraid/")[0]
-    done = _cli("portable", dataset_id, "--root", str(source_root), "--to", str(tmp_path / "p"))
+    done = run_cli("portable", dataset_id, "--root", str(source_root), "--to", str(tmp_path / "p"))
     assert done.returncode == EXIT_OK, done.stdout + done.stderr
     assert local_dataset_ids(tmp_path / "p") == [dataset_id]
-    again = _cli("portable", dataset_id, "--root", str(source_root), "--to", str(tmp_path / "p"))
+    again = run_cli("portable", dataset_id, "--root", str(source_root), "--to", str(tmp_path / "p"))
     assert again.returncode == EXIT_USAGE
     assert again.stderr.count("\n") == 1 and "already exists" in again.stderr
-    same = _cli("portable", "--root", str(source_root), "--to", str(source_root))
+    same = run_cli("portable", "--root", str(source_root), "--to", str(source_root))
     assert same.returncode == EXIT_USAGE and "another root" in same.stderr
 
 
@@ -134,7 +122,7 @@ def test_convert_portable_writes_the_same_episodes_portably(
 ):
     root = tmp_path / "minari"
     args = ["convert", str(raw_sample_bz2), "--root", str(root), "--game", "riverraid"]
-    done = _cli(*args, "--portable", "--workers", "2", "--quiet")
+    done = run_cli(*args, "--portable", "--workers", "2", "--quiet")
     assert done.returncode == EXIT_OK, done.stdout + done.stderr
     (dataset_id,) = local_dataset_ids(root)
     with h5py.File(main_data_path(dataset_dir(dataset_id, root)), "r") as file:
@@ -151,6 +139,6 @@ def test_convert_portable_writes_the_same_episodes_portably(
         assert np.array_equal(x.actions, y.actions) and np.array_equal(x.rewards, y.rewards)
     assert verify_datasets([dataset_id], root=root, log=lambda _: None).ok
 
-    mixed = _cli(*args, "--quiet")  # default episodes into a portable dataset: refused
+    mixed = run_cli(*args, "--quiet")  # default episodes into a portable dataset: refused
     assert mixed.returncode == EXIT_USAGE, mixed.stdout + mixed.stderr
     assert mixed.stderr.count("\n") == 1 and "with --portable" in mixed.stderr

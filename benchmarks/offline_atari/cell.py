@@ -72,8 +72,9 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
     player = players[0] if len(players) == 1 else 0
     partner = "noop" if game_info(game).two_player else ""
     train, test = split_episodes(episodes, test_size=cell.test_size, seed=cell.seed)
+    # Memory-mapped: a selection larger than RAM trains, and cells sharing it share one store.
     buffer = to_replay_buffer(
-        train, processing, n_frames=cell.n_frames, action_size=num_actions(game)
+        train, processing, n_frames=cell.n_frames, action_size=num_actions(game), memory_map=True
     )
     heldout, heldout_steps = [], 0
     for episode in test:
@@ -84,7 +85,11 @@ def train_and_evaluate(cell: Cell, cell_dir: Path, run_number: int) -> dict[str,
     evaluators = {}
     if heldout:
         heldout_buffer = to_replay_buffer(
-            heldout, processing, n_frames=cell.n_frames, action_size=num_actions(game)
+            heldout,
+            processing,
+            n_frames=cell.n_frames,
+            action_size=num_actions(game),
+            memory_map=True,
         )
         evaluators["heldout_action_match"] = d3rlpy.metrics.DiscreteActionMatchEvaluator(
             episodes=heldout_buffer.episodes
