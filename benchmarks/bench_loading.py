@@ -17,12 +17,16 @@
    - `ours_cold`: `load_dataset("crowdplay")` + `get_processed_trajectory(crowdplay_compat=True)`
      of every episode with a fresh, empty processing cache (nothing else is dropped: the HDF5
      files may sit in the page cache, as do the bz2 files for the baseline);
-   - `ours_warm`: the same with the cache filled.
+   - `ours_warm`: the same with the cache filled;
+   - `ours_store`: a ready d3rlpy buffer, `to_replay_buffer(..., memory_map=True)` over the
+     processed store already built (what a second training run on the selection does): opening
+     files, the arrays memory-mapped (`crowdplay_minari.processed_store`).
    Every path keeps all processed arrays in memory, like a user building a training set.
    Throughput is in raw frames per second: the frames of every processed agent trajectory
    (a two-player episode counts twice), the same number for every path.
-   Targets (ours / crowdplay, on the medians): d3rlpy cold >= 20x, d3rlpy warm >= 100x,
-   default cold >= 10x. When one fails, a cProfile of that case is printed.
+   Targets (ours / crowdplay, on the medians): d3rlpy cold >= 40x, d3rlpy warm >= 100x,
+   d3rlpy ready buffer (store) >= 1,000x, default cold >= 10x. When one fails, a cProfile of
+   that case is printed.
 3. Times `load_dataset` + `filter` over the converted datasets, and `filter` + `metadata_table`
    over a 10,000-episode selection made from the real episodes' metadata.
 """
@@ -72,11 +76,12 @@ PRESETS: dict[str, dict] = {
     "default": {},
     "d3rlpy": {"framestack_axis_first": True, "downsample_frequency": 4, "stack_n": 1},
 }
-PATHS = ("crowdplay", "ours_cold", "ours_warm")
+PATHS = ("crowdplay", "ours_cold", "ours_warm", "ours_store")
 BASELINE = "crowdplay"
 TARGETS: dict[tuple[str, str], float] = {
-    ("d3rlpy", "ours_cold"): 20.0,
+    ("d3rlpy", "ours_cold"): 40.0,
     ("d3rlpy", "ours_warm"): 100.0,
+    ("d3rlpy", "ours_store"): 1000.0,
     ("default", "ours_cold"): 10.0,
 }
 SELECTION_EPISODES = 10_000
@@ -180,6 +185,25 @@ def ours_load(minari_root: str, cache_dir: str, options: dict) -> list[tuple]:
     return [e.get_processed_trajectory(crowdplay_compat=True, **options) for e in data]
 
 
+def ours_store_load(minari_root: str, store_dir: str, options: dict) -> list[tuple]:
+    """A ready d3rlpy buffer of every agent's processed trajectory, over the processed store in
+    `store_dir` (built when it is not there); each episode's arrays as the buffer holds them."""
+    from crowdplay_minari.d3rlpy_bridge import to_replay_buffer
+
+    os.environ[MINARI_ROOT_ENV] = minari_root
+    config = ProcessingConfig(crowdplay_compat=True, **options)
+    n_frames = 4 if config.stack_n == 1 and config.framestack_axis_first else 1
+    buffer = to_replay_buffer(
+        load_dataset("crowdplay"),
+        config,
+        n_frames=n_frames,
+        mixed_action_sets=True,
+        memory_map=True,
+        store_dir=Path(store_dir),
+    )
+    return [(e.observations, e.actions, e.rewards, e.terminals) for e in buffer.episodes]
+
+
 def ours_cold_stages(minari_root: str, cache_dir: str, options: dict) -> dict[str, float]:
     """`ours_load` cold, split into the stages of `EpisodeView.process`: reading the metadata,
     decoding and processing the frames (one threaded pass over the stored chunks), writing the
@@ -226,7 +250,8 @@ def _peak_rss() -> int:
 def _measure(load: Callable, arguments: tuple) -> dict:
     """Runs in the child: seconds of one `load(*arguments)`, peak RSS before and after it, and
     the number of processed steps (or the stage timings `ours_cold_stages` returns)."""
-    import minari  # noqa: F401  (load_dataset imports it on first use: not loading time)
+    import d3rlpy  # noqa: F401  (imports are not loading time)
+    import minari  # noqa: F401  (load_dataset imports it on first use)
 
     before = _peak_rss()
     started = time.perf_counter()
@@ -383,9 +408,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             flush=True,
         )
         warm = {name: work / f"cache-warm-{name}" for name in PRESETS}
-        for name, options in PRESETS.items():  # fill the warm caches (untimed)
+        stores = {name: work / f"stores-{name}" for name in PRESETS}
+        for name, options in PRESETS.items():  # fill the warm caches and stores (untimed)
             shutil.rmtree(warm[name], ignore_errors=True)
             run_in_child(ours_load, (str(minari_root), str(warm[name]), options))
+            shutil.rmtree(stores[name], ignore_errors=True)
+            run_in_child(ours_store_load, (str(minari_root), str(stores[name]), options))
         runs: dict[tuple[str, str], list[dict]] = {
             (name, path): [] for name in PRESETS for path in PATHS
         }
@@ -398,11 +426,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     arguments: tuple = (jobs, options)
                 elif path == "ours_warm":
                     arguments = (str(minari_root), str(warm[name]), options)
+                elif path == "ours_store":
+                    arguments = (str(minari_root), str(stores[name]), options)
                 else:
                     cold = work / f"cache-cold-{name}-{round_}"
                     shutil.rmtree(cold, ignore_errors=True)
                     arguments = (str(minari_root), str(cold), options)
-                load = crowdplay_load if path == BASELINE else ours_load
+                load = {BASELINE: crowdplay_load, "ours_store": ours_store_load}.get(
+                    path, ours_load
+                )
                 measured = run_in_child(load, arguments)
                 runs[(name, path)].append(measured)
                 print(

@@ -207,3 +207,51 @@ def test_a_full_disk_only_costs_the_cache_entry(converted_sample, tmp_path, monk
     assert not [p for p in cache.rglob("*") if p.is_file()]  # no entry, no temporary file
     episode.compact(config)
     assert len(list(cache.rglob("*.npys"))) == 1  # with space, the entry is written
+
+
+CONCURRENT_LOADER = """
+import sys, time
+import numpy as np
+from crowdplay_minari.loading import load_dataset
+from crowdplay_minari.processing import ProcessingConfig
+root, start = sys.argv[1], float(sys.argv[2])
+episodes = load_dataset("crowdplay/space_invaders", root=root).episodes
+time.sleep(max(0.0, start - time.time()))  # both processes fill the same entries at once
+for episode in episodes:
+    steps = episode.compact(ProcessingConfig.d3rlpy_preset())
+    print(episode.dataset_id, episode.index, int(steps.stacks.frames.sum()), len(steps.actions))
+"""
+
+
+def test_two_loader_processes_share_the_cache(converted_sample, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    root, _ = converted_sample
+    cache = tmp_path / "cache"
+    env = {**os.environ, CACHE_ENV: str(cache)}
+    start = str(time.time() + 8)
+    loaders = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_LOADER, str(root), start],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [loader.communicate(timeout=300) for loader in loaders]
+    assert all(loader.returncode == 0 for loader in loaders), outputs
+    assert outputs[0][0] == outputs[1][0] and outputs[0][0].strip()
+    entries = list(cache.rglob("*.npys"))
+    assert len(entries) == len(outputs[0][0].strip().splitlines())
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".npys"]
+    assert loading.check_cache(cache) == []
+    # and what they left is what a fresh computation gives
+    episode = load_dataset("crowdplay/space_invaders", root=root).episodes[0]
+    fresh = episode.compact(ProcessingConfig.d3rlpy_preset(), cache=False)
+    first = outputs[0][0].splitlines()[0].split()
+    assert int(first[2]) == int(fresh.stacks.frames.sum()) and int(first[3]) == len(fresh.actions)
