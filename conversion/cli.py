@@ -188,7 +188,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         if Path(name).is_dir() and (Path(name) / "dataset.sqlite").is_file():
             raise UsageError(f"{name} is a raw CrowdPlay folder: give it as --raw {name}")
     ids = args.datasets or local_dataset_ids(args.root, prefix=args.namespace.rstrip("/") + "/")
-    if not ids:
+    if not ids and not args.cache:
         raise UsageError(
             f"no datasets under {datasets_root(args.root)}/{args.namespace}; give --root, "
             "or convert first"
@@ -212,6 +212,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         against_raw = verify(args.raw, ids, root=args.root)
         problems += against_raw.problems
         checked += f"; {against_raw.frames_checked} frames against {args.raw}"
+    if args.cache:
+        from crowdplay_minari.loading import check_cache, default_cache_dir
+        from crowdplay_minari.processed_store import check_stores, default_store_dir
+
+        problems += check_cache() + check_stores()
+        checked += f"; the processed cache {default_cache_dir()} and stores {default_store_dir()}"
     for problem in problems:
         print(f"MISMATCH: {problem}")
     print(
@@ -354,6 +360,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also check the raw folder against its download manifest, and compare every "
         "array with it (slow: decodes the raw files)",
+    )
+    verify.add_argument(
+        "--cache",
+        action="store_true",
+        help="also check every processed-cache entry and processed store (their checksums)",
     )
     verify.add_argument("--root", type=Path, default=None, help=ROOT_HELP)
     verify.add_argument(

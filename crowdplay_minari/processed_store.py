@@ -48,7 +48,7 @@ from .loading import EpisodeView, default_cache_dir
 from .processing import FrameStacks, ProcessingConfig, kept_frame_indices
 
 STORES_ENV = "CROWDPLAY_MINARI_STORES"
-STORE_FORMAT = 1  # bump when the layout or the processing of stored steps changes
+STORE_FORMAT = 2  # bump when the layout or processing changes (2: observations' CRC-32)
 INDEX_FILE = "index.json"
 STEP_DTYPES: dict[str, np.dtype] = {
     "actions": np.dtype(np.int64),
@@ -268,6 +268,33 @@ def read_store(path: Path | str, *, key: str | None = None) -> ProcessedStore:
     return ProcessedStore(path=path, config=config, episodes=episodes, arrays=arrays)
 
 
+def check_store(path: Path | str) -> list[str]:
+    """Every array of the store in `path` against its index, observations included (which
+    opening a store does not read); one line per problem, none when it is intact."""
+    try:
+        store = read_store(path)
+        index, _ = files.read_json(Path(path) / INDEX_FILE)
+        expected = index["checksums"]["observations"]
+    except (DamagedStore, FileNotFoundError, KeyError, TypeError) as exc:
+        return [f"{path}: {exc}" if str(path) not in str(exc) else str(exc)]
+    crc = 0
+    observations = store.arrays["observations"]
+    for start in range(0, len(observations), 4096):
+        crc = zlib.crc32(np.ascontiguousarray(observations[start : start + 4096]), crc)
+    if crc != expected:
+        return [f"{Path(path) / 'observations.npy'}: checksum mismatch (damaged)"]
+    return []
+
+
+def check_stores(store_dir: Path | str | None = None) -> list[str]:
+    """`check_store` for every store under `store_dir` (default: `default_store_dir()`)."""
+    base = Path(store_dir) if store_dir is not None else default_store_dir()
+    if not base.is_dir():
+        return []
+    stores = [p for p in sorted(base.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    return [problem for store in stores for problem in check_store(store)]
+
+
 def _open_array(file: Path, described: Mapping[str, Any]) -> np.ndarray:
     """`file` memory-mapped read-only, checked against its entry in the index."""
     try:
@@ -340,9 +367,7 @@ def _build(path: Path, episodes: Sequence[EpisodeView], config: ProcessingConfig
     try:
         for name in ARRAYS:
             shape = shapes.get(name, (total,))
-            writers[name] = _NpyWriter(
-                partial / f"{name}.npy", shape, dtypes[name], name != ARRAYS[0]
-            )
+            writers[name] = _NpyWriter(partial / f"{name}.npy", shape, dtypes[name], True)
         stored, start = [], 0
         for steps in selection_steps(episodes, config):
             writers["observations"].append(steps.stacks.observations(config))
@@ -368,7 +393,7 @@ def _build(path: Path, episodes: Sequence[EpisodeView], config: ProcessingConfig
             "config": dataclasses.asdict(config),
             "steps": total,
             "arrays": described,
-            "checksums": {name: writers[name].crc for name in STEP_DTYPES},
+            "checksums": {name: writers[name].crc for name in ARRAYS},
             "episodes": [dataclasses.asdict(e) for e in stored],
         }
         files.write_json(partial / INDEX_FILE, index)  # last: a store without it is torn

@@ -255,3 +255,34 @@ def test_two_loader_processes_share_the_cache(converted_sample, tmp_path):
     fresh = episode.compact(ProcessingConfig.d3rlpy_preset(), cache=False)
     first = outputs[0][0].splitlines()[0].split()
     assert int(first[2]) == int(fresh.stacks.frames.sum()) and int(first[3]) == len(fresh.actions)
+
+
+def test_verify_cache_finds_a_flipped_byte_in_a_store_and_in_a_cache_entry(
+    converted_sample, tmp_path, monkeypatch
+):
+    from crowdplay_minari.d3rlpy_bridge import to_replay_buffer
+    from crowdplay_minari.processed_store import STORES_ENV, check_stores
+
+    root, _ = converted_sample
+    cache, stores = tmp_path / "cache", tmp_path / "stores"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    monkeypatch.setenv(STORES_ENV, str(stores))
+    episodes = load_dataset("crowdplay/riverraid", root=root).episodes
+    to_replay_buffer(episodes, ProcessingConfig.d3rlpy_preset(), memory_map=True)
+    assert check_stores() == [] and loading.check_cache() == []
+    good = run_cli("verify", "--cache", "--root", str(tmp_path / "no-datasets"))
+    assert good.returncode == EXIT_OK, good.stdout + good.stderr
+
+    (observations,) = stores.rglob("observations.npy")
+    data = bytearray(observations.read_bytes())
+    data[-len(data) // 3] ^= 0x01
+    observations.write_bytes(bytes(data))
+    (entry,) = cache.rglob("*.npys")
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    entry.write_bytes(bytes(data))
+    assert [str(observations) in p for p in check_stores()] == [True]
+    bad = run_cli("verify", "--cache", "--root", str(tmp_path / "no-datasets"))
+    assert bad.returncode == EXIT_MISMATCH, bad.stdout + bad.stderr
+    assert f"MISMATCH: {observations}: checksum mismatch" in bad.stdout
+    assert f"MISMATCH: {entry}" in bad.stdout
