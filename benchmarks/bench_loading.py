@@ -201,7 +201,7 @@ def ours_store_load(minari_root: str, store_dir: str, options: dict) -> list[tup
         memory_map=True,
         store_dir=Path(store_dir),
     )
-    return [(e.observations, e.actions, e.rewards, e.terminals) for e in buffer.episodes]
+    return [(e.observations, e.actions, e.rewards, e.terminated) for e in buffer.episodes]
 
 
 def ours_cold_stages(minari_root: str, cache_dir: str, options: dict) -> dict[str, float]:
