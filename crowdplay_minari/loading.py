@@ -23,6 +23,7 @@ the data file's identity and the processing options.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,6 +40,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the zstd filter the frames are stored with)
 import numpy as np
 
+from . import files
 from .attributes import decode_attributes, nested_from_flat
 from .frame_store import StoredFrames
 from .games import task_adherence_key
@@ -566,6 +568,77 @@ def _resolve_ids(dataset_ids: str | Sequence[str], root: Path | None) -> list[st
     return list(dict.fromkeys(resolved))
 
 
+_METADATA_INDEX_FORMAT = 1
+
+
+def _episode_attributes(main: Path) -> list[tuple[int, dict[str, Any]]]:
+    """`(index, attributes as stored)` of every episode group of `main`, in index order.
+
+    h5py reads an attribute in about 0.1 ms, 3 ms an episode: 30 s for 10,000 episodes. So the
+    attributes are also kept as JSON beside the processing cache (`<cache>/../metadata/`), keyed
+    by the file's path, size and modification time (a rewritten file is read again), and read
+    from there when they are; an unreadable index is read again from the file."""
+    stat = main.stat()
+    identity = {
+        "file": str(main.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "format": _METADATA_INDEX_FORMAT,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    index_path = default_cache_dir().parent / "metadata" / f"{digest}.json"
+    cached, problem = files.read_json(index_path)
+    if problem is None and isinstance(cached, dict) and cached.get("identity") == identity:
+        try:
+            return [
+                (int(i), {k: _attribute_from_json(v) for k, v in attrs.items()})
+                for i, attrs in cached["episodes"]
+            ]
+        except (KeyError, TypeError, ValueError):
+            pass  # damaged: read the file
+    with h5py.File(main, "r") as file:
+        names = sorted(file.keys(), key=lambda k: int(k.rsplit("_", 1)[-1]))
+        episodes = [(int(name.rsplit("_", 1)[-1]), dict(file[name].attrs)) for name in names]
+    with contextlib.suppress(OSError, TypeError, ValueError):  # the index is only a shortcut
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_json(
+            index_path,
+            {
+                "identity": identity,
+                "episodes": [
+                    [i, {k: _attribute_to_json(v) for k, v in attrs.items()}]
+                    for i, attrs in episodes
+                ],
+            },
+        )
+    return episodes
+
+
+def _attribute_to_json(value: Any) -> Any:
+    """An HDF5 attribute value as JSON that `_attribute_from_json` turns back into the same
+    Python or numpy type and value."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return {"bytes": value.decode("latin-1")}
+    if isinstance(value, np.ndarray):
+        return {"dtype": value.dtype.str, "shape": list(value.shape), "array": value.tolist()}
+    if isinstance(value, np.generic):
+        return {"dtype": value.dtype.str, "scalar": value.item()}
+    raise TypeError(f"attribute of type {type(value).__name__}")
+
+
+def _attribute_from_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    if "bytes" in value:
+        return value["bytes"].encode("latin-1")
+    dtype = np.dtype(value["dtype"])
+    if "scalar" in value:
+        return dtype.type(value["scalar"])
+    return np.array(value["array"], dtype=dtype).reshape(value["shape"])
+
+
 def load_dataset(
     dataset_ids: str | Sequence[str], root: str | os.PathLike | None = None
 ) -> CrowdPlayDataset:
@@ -581,19 +654,13 @@ def load_dataset(
                 f"dataset {dataset_id} not found under {data_dir.parent.parent}; "
                 "convert it with `crowdplay-minari convert` or pass the right root="
             )
-        with h5py.File(main, "r") as file:
-            names = sorted(file.keys(), key=lambda k: int(k.rsplit("_", 1)[-1]))
-            for name in names:
-                attrs = dict(file[name].attrs)
-                if "crowdplay_episode_id" not in attrs:
-                    raise ValueError(
-                        f"{main} {name}: not a crowdplay-minari episode (no crowdplay_episode_id)"
-                    )
-                episodes.append(
-                    EpisodeView(
-                        dataset_id, int(name.rsplit("_", 1)[-1]), main, decode_attributes(attrs)
-                    )
+        for index, attrs in _episode_attributes(main):
+            if "crowdplay_episode_id" not in attrs:
+                raise ValueError(
+                    f"{main} episode_{index}: not a crowdplay-minari episode "
+                    "(no crowdplay_episode_id)"
                 )
+            episodes.append(EpisodeView(dataset_id, index, main, decode_attributes(attrs)))
     dataset = CrowdPlayDataset(episodes)
     for episode in episodes:
         episode._dataset = dataset

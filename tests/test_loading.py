@@ -760,3 +760,38 @@ def test_raw_trajectory_of_a_lone_dataset_has_only_its_agent(
         steps[-1]["episode_callables"]["Score"][P1]
         == raw_steps[-1]["episode_callables"]["Score"][P1]
     )
+
+
+def test_the_metadata_index_gives_exactly_the_stored_attributes(converted_root, tmp_path):
+    """load_dataset reads episode attributes from a JSON index kept beside the cache: the same
+    values and types as h5py's, read again when the file changes or the index is damaged."""
+    import h5py
+
+    def direct(main: Path) -> list[tuple[int, dict]]:
+        with h5py.File(main, "r") as file:
+            return sorted((int(n.rsplit("_", 1)[1]), dict(file[n].attrs)) for n in file)
+
+    def same(a: list[tuple[int, dict]], b: list[tuple[int, dict]]) -> bool:
+        for (i, x), (j, y) in zip(a, b, strict=True):
+            assert i == j and x.keys() == y.keys()
+            for key in x:
+                assert type(x[key]) is type(y[key]), key
+                assert np.array_equal(x[key], y[key], equal_nan=not isinstance(x[key], str)), key
+        return True
+
+    cache = tmp_path / "processed"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(cache))
+        mains = sorted(converted_root.glob("**/main_data.hdf5"))
+        for main in mains:
+            first = loading._episode_attributes(main)  # read from the file, index written
+            again = loading._episode_attributes(main)  # read from the index
+            assert same(first, direct(main)) and same(again, direct(main))
+        indexes = sorted((tmp_path / "metadata").glob("*.json"))
+        assert len(indexes) == len(mains)
+        indexes[0].write_text('{"identity": ')  # torn: the file is read again
+        assert all(same(loading._episode_attributes(m), direct(m)) for m in mains)
+        from_index = load_dataset("crowdplay", root=converted_root).metadata_table()
+        patch.setenv(CACHE_ENV, str(tmp_path / "other" / "processed"))
+        from_files = load_dataset("crowdplay", root=converted_root).metadata_table()
+        assert len(from_index) > 0 and from_index.equals(from_files)
