@@ -78,7 +78,14 @@ def test_bench_release_converts_a_replicated_slice_and_projects_the_release(
     )
     assert loading["episodes"] == loading["table_rows"] == agent_episodes
     assert 0 < loading["filter"]["kept"] <= slice_["games"]["space_invaders"]["episodes"]
+    assert set(loading["seconds"]) == {
+        "load_dataset (cold)",
+        "load_dataset",
+        "filter",
+        "metadata_table",
+    }
     assert all(s > 0 for s in loading["seconds"].values())
+    assert (work / "caches").is_dir()  # the loader's caches went to the scratch dir
 
     # The projection follows from the measured rate, efficiency and sizes.
     projection = results["projection"]

@@ -88,6 +88,7 @@ def test_bench_conversion_reports_targets_sizes_memory_and_layouts(tmp_path: Pat
     assert [row["layout"] for row in layouts] == [
         *(name for name, _, _ in bench_conversion.LAYOUTS),
         bench_conversion.CURRENT_LAYOUT,
+        bench_conversion.PORTABLE_LAYOUT,
     ]
     for row in layouts:
         assert row["bytes_per_frame"] > 0
