@@ -64,6 +64,33 @@ def scratch_dir(path: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def process_memory() -> dict[str, int]:
+    """This process's memory fields of `/proc/self/status` (VmHWM, VmRSS, RssAnon, RssFile,
+    VmData, ...), in bytes; empty where there is no /proc."""
+    values = {}
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            name, _, rest = line.partition(":")
+            fields = rest.split()
+            if len(fields) == 2 and fields[1] == "kB":
+                values[name] = int(fields[0]) * 1024
+    return values
+
+
+@contextlib.contextmanager
+def restored_environment(*names: str) -> Iterator[None]:
+    """Put these environment variables back as they were (a run points them at its work dir)."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @contextlib.contextmanager
 def native_output_to(path: str | os.PathLike, mode: str = "ab") -> Iterator[None]:
     """Point file descriptors 1 and 2 at `path`: the emulators and d3rlpy print from native code,

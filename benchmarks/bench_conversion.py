@@ -53,6 +53,7 @@ from ._common import (
     make_sample,
     median,
     parser,
+    process_memory,
     run_config,
     scratch_dir,
     table,
@@ -178,12 +179,8 @@ def converted_sizes(root: Path, raw_frames: int, bz2_bytes: int) -> dict:
 
 def _high_water_mark() -> int:
     """Peak resident memory of this process so far, in bytes."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = process_memory().get("VmHWM")
+    return peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def stage_and_measure(job: EpisodeJob) -> dict:

@@ -44,7 +44,7 @@ import pstats
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -65,6 +65,7 @@ from ._common import (
     make_sample,
     median,
     parser,
+    restored_environment,
     run_config,
     scratch_dir,
     table,
@@ -347,24 +348,10 @@ def profile_ours_cold(minari_root: Path, work: Path, options: dict, top: int = 1
     return out.getvalue()
 
 
-@contextlib.contextmanager
-def _restored_environment(*names: str) -> Iterator[None]:
-    """Put these environment variables back as they were (the run points them at its work dir)."""
-    saved = {name: os.environ.get(name) for name in names}
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parser(__doc__.splitlines()[0], repeats=5).parse_args(argv)
     results: dict = {"config": run_config(args)}
-    with scratch_dir(args.workdir) as work, _restored_environment(CACHE_ENV, MINARI_ROOT_ENV):
+    with scratch_dir(args.workdir) as work, restored_environment(CACHE_ENV, MINARI_ROOT_ENV):
         work = work.resolve()
         print("generating a bz2-only sample and converting it ...", flush=True)
         raw_dir = work / "raw"

@@ -56,7 +56,16 @@ from crowdplay_minari.processed_store import STEP_DTYPES, STORES_ENV, kept_steps
 from crowdplay_minari.processing import ProcessingConfig
 from crowdplay_minari.sample import DEFAULT_SESSIONS, generate_sample
 
-from ._common import median, quiet_native_output, scratch_dir, table, verdict, write_json
+from ._common import (
+    median,
+    process_memory,
+    quiet_native_output,
+    restored_environment,
+    scratch_dir,
+    table,
+    verdict,
+    write_json,
+)
 
 MINARI_ROOT_ENV = "MINARI_DATASETS_PATH"
 SESSION = "space_invaders_mturk"
@@ -73,22 +82,11 @@ OUT_OF_CORE_TARGET = 3.0  # selection bytes >= 3x the memmap child's RssAnon gro
 # -- what a child measures ---------------------------------------------------------------------
 
 
-def _status() -> dict[str, int]:
-    """RssAnon, RssFile and VmData of this process, in bytes."""
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            name, _, rest = line.partition(":")
-            if name in ("RssAnon", "RssFile", "VmData"):
-                values[name] = int(rest.split()[0]) * 1024
-    return values
-
-
 class _PeakAnon:
     """The highest RssAnon seen by a thread reading /proc/self/status every `interval` s."""
 
     def __init__(self, interval: float = 0.002) -> None:
-        self.peak = _status()["RssAnon"]
+        self.peak = process_memory()["RssAnon"]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
         self._thread.start()
@@ -98,7 +96,7 @@ class _PeakAnon:
             self.read()
 
     def read(self) -> int:
-        self.peak = max(self.peak, _status()["RssAnon"])
+        self.peak = max(self.peak, process_memory()["RssAnon"])
         return self.peak
 
     def stop(self) -> int:
@@ -125,7 +123,7 @@ def measure(job: dict) -> dict:
     ).create(device="cpu:0")
     memory_map = job["mode"] != BASELINE
     peak = _PeakAnon()  # its thread's stack is mapped before the limit, not counted in it
-    before = _status()
+    before = process_memory()
     if job.get("data_limit"):
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         resource.setrlimit(resource.RLIMIT_DATA, (before["VmData"] + job["data_limit"], hard))
@@ -142,7 +140,7 @@ def measure(job: dict) -> dict:
         batch = buffer.sample_transition_batch(BATCH_SIZE)
         result["first_batch_seconds"] = time.perf_counter() - started
         result["buffer_anon_bytes"] = peak.read() - before["RssAnon"]
-        result["buffer_file_bytes"] = _status()["RssFile"] - before["RssFile"]
+        result["buffer_file_bytes"] = process_memory()["RssFile"] - before["RssFile"]
         result["transitions"] = buffer.transition_count
         if job["train_steps"]:
             algo.build_with_dataset(buffer)
@@ -157,7 +155,7 @@ def measure(job: dict) -> dict:
             result["sample_ms"] = 1000 * (time.perf_counter() - started) / SAMPLING_BATCHES
     except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as such
         result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    after = _status()
+    after = process_memory()
     result.update(
         anon_bytes=peak.stop() - before["RssAnon"],
         file_bytes=after["RssFile"] - before["RssFile"],
@@ -236,17 +234,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "cpus": os.cpu_count(),
         }
     }
-    saved = {name: os.environ.get(name) for name in (MINARI_ROOT_ENV, CACHE_ENV, STORES_ENV)}
-    with scratch_dir(args.workdir) as work:
-        work = work.resolve()
-        try:
-            results.update(_run(args, copies, work))
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+    with (
+        scratch_dir(args.workdir) as work,
+        restored_environment(MINARI_ROOT_ENV, CACHE_ENV, STORES_ENV),
+    ):
+        results.update(_run(args, copies, work.resolve()))
     _print_report(results)
     write_json(args.json, results)
     return results

@@ -59,7 +59,15 @@ from crowdplay_minari.raw import RawDataset, load_steps
 from crowdplay_minari.raw.writer import RawDatasetWriter
 from crowdplay_minari.sample import DEFAULT_SESSIONS, SessionSpec, generate_sample
 
-from ._common import interleaved, median, quiet_native_output, scratch_dir, table, write_json
+from ._common import (
+    interleaved,
+    median,
+    process_memory,
+    quiet_native_output,
+    scratch_dir,
+    table,
+    write_json,
+)
 from .bench_conversion import converted_sizes
 
 RELEASE_FRAMES = 100_000_000
@@ -246,15 +254,6 @@ def build_slice(
 _stage_episode = convert_module.stage_episode  # the converter's own, before any patching
 
 
-def _status_bytes(field: str) -> int:
-    """A `/proc/self/status` memory field (VmHWM, VmRSS) in bytes; 0 where there is none."""
-    with contextlib.suppress(OSError), open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _reset_peak_memory() -> bool:
     """Reset this process's VmHWM to its current RSS (Linux `clear_refs` 5)."""
     try:
@@ -267,9 +266,10 @@ def _reset_peak_memory() -> bool:
 
 def stage_recording_memory(job: EpisodeJob):
     """`stage_episode` in a pool worker, noting the worker's peak RSS before and after."""
-    before = _status_bytes("VmHWM")
+    before = process_memory().get("VmHWM", 0)
     result = _stage_episode(job)
-    result.worker_memory = (os.getpid(), before, _status_bytes("VmHWM"), _status_bytes("VmRSS"))
+    after = process_memory()
+    result.worker_memory = (os.getpid(), before, after.get("VmHWM", 0), after.get("VmRSS", 0))
     return result
 
 
@@ -377,7 +377,7 @@ def convert_once(raw_dir: Path, root: Path, workers: int) -> dict:
         "episode_seconds": record.episode_seconds,
         "publish": _publish_summary(record.publishes),
         "worker_memory": _worker_memory_summary(record.worker_memory),
-        "driver_peak_bytes": _status_bytes("VmHWM") if driver_reset else None,
+        "driver_peak_bytes": process_memory().get("VmHWM", 0) if driver_reset else None,
         "peak_root_bytes": record.peak_root_bytes,
         "final_root_bytes": _tree_bytes(root),
     }

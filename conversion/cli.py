@@ -181,18 +181,24 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _dataset_ids(args: argparse.Namespace, required: bool = True) -> list[str]:
+    """The command's dataset ids: those given, else every dataset of its namespace."""
+    ids = args.datasets or local_dataset_ids(args.root, prefix=args.namespace.rstrip("/") + "/")
+    if not ids and required:
+        raise UsageError(
+            f"no datasets under {datasets_root(args.root)}/{args.namespace}; give --root, "
+            "or convert first"
+        )
+    return ids
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify, verify_datasets
 
     for name in args.datasets:
         if Path(name).is_dir() and (Path(name) / "dataset.sqlite").is_file():
             raise UsageError(f"{name} is a raw CrowdPlay folder: give it as --raw {name}")
-    ids = args.datasets or local_dataset_ids(args.root, prefix=args.namespace.rstrip("/") + "/")
-    if not ids and not args.cache:
-        raise UsageError(
-            f"no datasets under {datasets_root(args.root)}/{args.namespace}; give --root, "
-            "or convert first"
-        )
+    ids = _dataset_ids(args, required=not args.cache)
     unknown = [i for i in ids if not (dataset_dir(i, args.root) / METADATA_FILE).is_file()]
     if unknown:
         raise UsageError(f"no dataset {unknown[0]} under {datasets_root(args.root)}")
@@ -229,12 +235,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_portable(args: argparse.Namespace) -> int:
     from .portable import PortableCopyError, portable_copy
 
-    ids = args.datasets or local_dataset_ids(args.root, prefix=args.namespace.rstrip("/") + "/")
-    if not ids:
-        raise UsageError(
-            f"no datasets under {datasets_root(args.root)}/{args.namespace}; give --root, "
-            "or convert first"
-        )
+    ids = _dataset_ids(args)
     try:
         done = portable_copy(ids, root=args.root, to_root=args.to)
     except PortableCopyError as exc:

@@ -23,7 +23,7 @@ import numpy as np
 import zstandard
 
 from .episode import FRAME_SHAPE
-from .storage import FRAME_CHUNK, ZSTD_FILTER_ID, DamagedDatasetError
+from .storage import FRAME_CHUNK, ZSTD_FILTER_ID, DamagedDatasetError, filter_ids
 
 _FILTER_SKIPPED = 1
 """Bit 0 of a chunk's filter mask: the zstd filter (the only one) was not applied."""
@@ -96,9 +96,7 @@ class StoredFrames:
 
 
 def _only_zstd(dataset: h5py.Dataset) -> bool:
-    plist = dataset.id.get_create_plist()
-    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
-    return filters == [ZSTD_FILTER_ID]
+    return filter_ids(dataset) == [ZSTD_FILTER_ID]
 
 
 def _decompress_into(compressed: bytes, target: memoryview, where: str) -> None:

@@ -69,10 +69,15 @@ def small_array_filters(portable: bool = False) -> dict:
     return {**hdf5plugin.Zstd(clevel=SMALL_ZSTD_LEVEL), "fletcher32": True}
 
 
+def filter_ids(dataset) -> list[int]:
+    """The HDF5 filter ids of a dataset's pipeline, in order."""
+    plist = dataset.id.get_create_plist()
+    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+
+
 def is_portable(observations) -> bool:
     """Whether an `observations` dataset is stored portably (deflate: HDF5's own filter)."""
-    plist = observations.id.get_create_plist()
-    filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+    filters = filter_ids(observations)
     return 1 in filters and ZSTD_FILTER_ID not in filters
 
 

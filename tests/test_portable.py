@@ -19,6 +19,7 @@ from crowdplay_minari.storage import (
     DIGEST_ATTRIBUTE,
     METADATA_FILE,
     dataset_dir,
+    filter_ids,
     local_dataset_ids,
     main_data_path,
 )
@@ -43,8 +44,7 @@ def _dataset_names(file: h5py.File) -> list[str]:
 
 
 def _filters(dataset: h5py.Dataset) -> set[int]:
-    plist = dataset.id.get_create_plist()
-    return {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+    return set(filter_ids(dataset))
 
 
 def test_a_portable_copy_holds_the_same_data_through_built_in_filters_only(
