@@ -104,7 +104,10 @@ def _run_local(
     # Even one worker is a child process, so 1 and n workers do the same work per task.
     context = multiprocessing.get_context(config.start_method)
     with ProcessPoolExecutor(
-        min(config.workers, len(items)), mp_context=context, initializer=config.initializer
+        min(config.workers, len(items)),
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(config.initializer,),
     ) as pool:
         futures = {pool.submit(fn, prepare(item)): item for item in items}
         for future in as_completed(futures):
@@ -113,6 +116,27 @@ def _run_local(
             except BrokenProcessPool as exc:
                 outcome = TaskLost(f"worker process died (killed or out of memory?): {exc}")
             yield futures[future], outcome
+
+
+def _start_worker(initializer: Callable[[], None] | None) -> None:
+    """Each local worker ends itself when its parent dies. A worker blocked on its task queue
+    never sees the parent go (it holds both ends of the pipe); left alive, it would keep what
+    it inherited open, such as the converter's lock on the datasets root, so the rerun after a
+    `kill -9` would find the root busy."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    if initializer is not None:
+        initializer()
 
 
 def package_search_path() -> str:

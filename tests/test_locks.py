@@ -86,3 +86,47 @@ def test_a_grid_run_into_a_directory_another_run_holds_stops(tmp_path: Path, cap
     finally:
         holder.kill()
         holder.wait()
+
+
+ORPHANING_DRIVER = """
+import multiprocessing, os, sys, time
+from pathlib import Path
+from crowdplay_minari import files
+from crowdplay_minari.executors import ExecutorConfig, run_tasks
+
+def task(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+if __name__ == "__main__":
+    with files.exclusive(Path(sys.argv[1]), "a test"):
+        results = run_tasks(task, [0, 60, 60], ExecutorConfig(workers=2))
+        next(results)  # the workers are up, two of them busy for a minute
+        print(" ".join(str(child.pid) for child in multiprocessing.active_children()), flush=True)
+        os._exit(86)  # killed mid-run: no cleanup at all
+"""
+
+
+def test_workers_of_a_killed_run_end_and_free_its_lock(tmp_path: Path) -> None:
+    """A driver killed mid-run leaves no worker behind holding what it inherited (the lock)."""
+    import subprocess
+    import sys
+    import time
+
+    from crowdplay_minari import files
+
+    script = tmp_path / "driver.py"
+    script.write_text(ORPHANING_DRIVER)
+    lock = tmp_path / "root.lock"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(lock)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 86, proc.stderr
+    workers = [int(pid) for pid in proc.stdout.split()]
+    assert workers
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+        time.sleep(0.2)
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()], "orphaned workers live on"
+    with files.exclusive(lock, "the rerun"):  # free again: OutputInUse otherwise
+        pass
