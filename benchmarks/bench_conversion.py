@@ -18,8 +18,12 @@ Throughputs are raw frames (environment steps) per second. Targets:
   users rarely gets there; the staging-only speedup shows what the workers themselves scale to);
 - converted bytes per frame <= bz2 input bytes per frame.
 Also: Minari's metadata.json overhead, the peak memory of one worker staging the largest episode
-(a child process, VmHWM), and a frame layout table (gzip / zstd levels and chunk shapes) that
-justifies `conversion/episode_writer.py`'s choice.
+(a child process, VmHWM), a frame layout table (gzip / zstd levels and chunk shapes) that
+justifies `conversion/episode_writer.py`'s choice, and the cost curve of publishing: the time to
+add `--publish-added` episodes to datasets of `--publish-sizes` episodes (copies of the sample's
+largest episode under new ids), incrementally (the new episodes come after every published one:
+target, time flat in the dataset's size) against a full rewrite (they come first, so every
+episode is renumbered and copied: what every publish cost before part files).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import multiprocessing
 import pickle
 import resource
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -41,12 +46,28 @@ import hdf5plugin
 import numpy as np
 
 import crowdplay_minari.conversion.convert as convert_module
-from crowdplay_minari.conversion.convert import ConversionConfig, EpisodeJob, convert, stage_episode
+from crowdplay_minari.conversion.convert import (
+    STAGING_DIR,
+    ConversionConfig,
+    EpisodeJob,
+    convert,
+    publish_dataset,
+    stage_episode,
+)
 from crowdplay_minari.conversion.episode_writer import write_observations
-from crowdplay_minari.conversion.layout import DEFAULT_NAMESPACE
+from crowdplay_minari.conversion.layout import DEFAULT_NAMESPACE, DatasetKey
 from crowdplay_minari.episode import FRAME_SHAPE
 from crowdplay_minari.raw import RawDataset
-from crowdplay_minari.storage import DATA_DIR, LIBVER, MAIN_DATA_FILE, METADATA_FILE
+from crowdplay_minari.storage import (
+    DATA_DIR,
+    DIGEST_ATTRIBUTE,
+    LIBVER,
+    MAIN_DATA_FILE,
+    METADATA_FILE,
+    EpisodeFile,
+    episode_digest,
+    main_data_path,
+)
 
 from ._common import (
     interleaved,
@@ -155,7 +176,7 @@ def converted_sizes(root: Path, raw_frames: int, bz2_bytes: int) -> dict:
     data_bytes = metadata_bytes = agent_frames = datasets = 0
     for main in sorted(root.rglob(f"{DATA_DIR}/{MAIN_DATA_FILE}")):
         datasets += 1
-        data_bytes += main.stat().st_size
+        data_bytes += sum(p.stat().st_size for p in main.parent.glob("*.hdf5"))  # and parts
         metadata = main.parent / METADATA_FILE
         metadata_bytes += metadata.stat().st_size
         agent_frames += json.loads(metadata.read_text())["total_steps"]
@@ -280,8 +301,106 @@ def layout_table(frames: np.ndarray, work: Path, repeats: int) -> list[dict]:
 # -- the run -------------------------------------------------------------------------------------
 
 
+CREATED_KEY = "keyword_data/all/created_on"
+
+
+def _stage_copies(template: Path, staging: Path, key: DatasetKey, n: int, created: str) -> None:
+    """`n` staged copies of the episode in `template` (a staged file) under new episode ids,
+    made at `created` + a counter that grows over the run (publishing orders episodes by when
+    they were made, so each call's copies come after those of earlier calls with `created`)."""
+    staged_dir = staging / "episodes" / convert_module._slug(key.dataset_id)
+    staged_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(n):
+        copy = next(_copies)
+        episode_id = f"{created[:4]}-{copy:08d}-copy"
+        path = staged_dir / f"{episode_id}.h5"
+        shutil.copyfile(template, path)
+        with h5py.File(path, "r+") as file:
+            file.attrs["crowdplay_episode_id"] = episode_id
+            file.attrs[CREATED_KEY] = f"{created}.{copy:06d}"
+            file.flush()
+            file.attrs[DIGEST_ATTRIBUTE] = episode_digest(file)
+
+
+_copies = itertools.count()
+
+
+def publish_curve(converted: Path, work: Path, sizes: Sequence[int], added: int, rounds: int):
+    """Seconds and bytes to publish `added` episodes into datasets of each size, both ways, in
+    `rounds` alternating rounds (each adds to what the rounds before made); the episodes copied
+    are the most any round copied."""
+    work.mkdir(parents=True, exist_ok=True)
+    dataset_id, template = _largest_episode(converted, work / "template.h5")
+    with h5py.File(template, "r") as file:
+        attrs = {k: str(file.attrs[k]) for k in ("game", "task", "agent_id")}
+        frames = int(file["actions"].shape[0])
+    key = DatasetKey(dataset_id.split("/")[0], attrs["game"], attrs["task"], attrs["agent_id"])
+    rows = []
+    for size in sizes:
+        root = work / f"publish-{size}"
+        staging = root / STAGING_DIR
+        _stage_copies(template, staging, key, size, "2000-01-01 00:00:00")
+        publish_dataset(root, staging, key)
+        data = root / key.dataset_id / DATA_DIR
+        timings: dict[str, list[float]] = {"incremental": [], "full rewrite": []}
+        written: dict[str, list[int]] = {"incremental": [], "full rewrite": []}
+        copied: dict[str, list[int]] = {"incremental": [], "full rewrite": []}
+        for _ in range(rounds):
+            for case, created in (("incremental", "2100-01-01"), ("full rewrite", "1900-01-01")):
+                _stage_copies(template, staging, key, added, f"{created} 00:00:00")
+                before = {p.stat().st_ino for p in data.glob("*.hdf5")}
+                started = time.perf_counter()
+                result = publish_dataset(root, staging, key)
+                timings[case].append(time.perf_counter() - started)
+                new = [p for p in data.glob("*.hdf5") if p.stat().st_ino not in before]
+                written[case].append(sum(p.stat().st_size for p in new))
+                copied[case].append(result["copied"])
+        for case in timings:
+            rows.append(
+                {
+                    "episodes_before": size,
+                    "case": case,
+                    "seconds": median(timings[case]),
+                    "bytes_written": int(median(written[case])),
+                    "episodes_copied": max(copied[case]),
+                }
+            )
+        shutil.rmtree(root)
+    return {"frames_per_episode": frames, "added": added, "rounds": rounds, "rows": rows}
+
+
+def _largest_episode(converted: Path, out: Path) -> tuple[str, Path]:
+    """The largest single-agent episode of the converted sample, as a staged file at `out`."""
+    best: tuple[int, str, str] | None = None
+    for metadata in sorted(converted.glob(f"**/{DATA_DIR}/{METADATA_FILE}")):
+        dataset_id = metadata.parent.parent.relative_to(converted).as_posix()
+        with EpisodeFile(main_data_path(metadata.parent)) as file:
+            for name in file.names():
+                steps = int(file[name]["actions"].shape[0])
+                if best is None or steps > best[0]:
+                    best = (steps, dataset_id, name)
+    assert best is not None, f"no dataset under {converted}"
+    _, dataset_id, name = best
+    with EpisodeFile(main_data_path(converted / dataset_id / DATA_DIR)) as src:
+        group = src[name]
+        with h5py.File(out, "w", libver=LIBVER) as staged:
+            for child in group:
+                group.copy(group[child], staged, name=child)
+            staged.attrs.update(dict(group.attrs))
+    return dataset_id, out
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parser(__doc__.splitlines()[0], repeats=5).parse_args(argv)
+    cli = parser(__doc__.splitlines()[0], repeats=5)
+    cli.add_argument(
+        "--publish-sizes",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[16, 64, 256],
+        help="dataset sizes (episodes) of the publishing cost curve, comma-separated",
+    )
+    cli.add_argument("--publish-added", type=int, default=4, help="episodes each publish adds")
+    cli.add_argument("--publish-rounds", type=int, default=3, help="rounds of the publishing curve")
+    args = cli.parse_args(argv)
     results: dict = {"config": run_config(args)}
     with scratch_dir(args.workdir) as work:
         print("generating a bz2-only sample ...", flush=True)
@@ -370,6 +489,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         episode = RawDataset(raw_dir).read_episode(largest)
         frames = next(iter(episode.agents.values())).frames
         results["layouts"] = layout_table(frames, work / "layouts", args.repeats)
+
+        # -- publishing: +N episodes into datasets of growing size ----------------------------
+        print(f"publishing +{args.publish_added} episodes into datasets of growing size ...")
+        results["publishing"] = publish_curve(
+            roots / "workers-1-run-0",
+            work / "publishing",
+            args.publish_sizes,
+            args.publish_added,
+            args.publish_rounds,
+        )
 
     results["targets"] = _targets(ratios, ratios_best, ratios_cpu, sizes)
     _print_report(results)
@@ -526,6 +655,33 @@ def _print_report(results: dict) -> None:
         f"portable vs default: {portable['bytes_per_frame'] / default['bytes_per_frame']:.1f}x "
         f"the bytes, {portable['read_frames_per_second'] / default['read_frames_per_second']:.2f}x "
         "the read speed through h5py"
+    )
+
+    publishing = results["publishing"]
+    print(
+        f"\nPublishing +{publishing['added']} episodes ({publishing['frames_per_episode']:,} "
+        f"frames each), median of {publishing['rounds']} rounds; episodes copied: the most "
+        "in one round"
+    )
+    rows = [
+        [
+            row["episodes_before"],
+            row["case"],
+            row["seconds"],
+            row["episodes_copied"],
+            row["bytes_written"] / 1e6,
+        ]
+        for row in publishing["rows"]
+    ]
+    print(table(["episodes before", "publish", "seconds", "episodes copied", "MB written"], rows))
+    incremental = [r for r in publishing["rows"] if r["case"] == "incremental"]
+    full = {r["episodes_before"]: r for r in publishing["rows"] if r["case"] == "full rewrite"}
+    small, large = incremental[0]["episodes_before"], incremental[-1]["episodes_before"]
+    growth = incremental[-1]["seconds"] / incremental[0]["seconds"]
+    print(
+        f"incremental: {growth:.2f}x the time at {large} episodes as at {small} "
+        f"({large / small:.0f}x the dataset); full rewrite / incremental at {large}: "
+        f"{full[large]['seconds'] / incremental[-1]['seconds']:.1f}x"
     )
 
 

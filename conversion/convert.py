@@ -60,6 +60,7 @@ from crowdplay_minari.storage import (
     LIBVER,
     METADATA_FILE,
     NAMESPACE_METADATA_FILE,
+    EpisodeFile,
     is_portable,
     main_data_path,
 )
@@ -251,9 +252,8 @@ def published_episode_ids(dataset_dir: Path) -> list[str]:
     main = main_data_path(dataset_dir / DATA_DIR)
     if not main.exists():
         return []
-    with h5py.File(main, "r") as file:
-        order = sorted(file.keys(), key=lambda k: int(k.split("_")[-1]))
-        return [str(file[k].attrs["crowdplay_episode_id"]) for k in order]
+    with EpisodeFile(main) as file:
+        return [str(file[name].attrs["crowdplay_episode_id"]) for name in file.names()]
 
 
 def _episode_sort_key(file: h5py.File | h5py.Group) -> tuple[str, str]:
@@ -285,8 +285,105 @@ def _new_storage_metadata(game: str, agent_id: str, task: str) -> str:
         return (data_path / METADATA_FILE_NAME).read_text()
 
 
+@dataclass(frozen=True)
+class _EpisodeSource:
+    """One episode of a dataset being published: how it sorts and where its group lies."""
+
+    order: tuple[str, str]
+    episode_id: str
+    steps: int
+    file: Path  # the HDF5 file holding the group
+    path: str  # the group's path in it; "/" for a staged file, whose root is the episode
+    part: str | None = None  # a published episode's part file; None: inside main_data.hdf5
+
+
+def _published_sources(main: Path) -> list[_EpisodeSource]:
+    """The episodes of a published `main_data.hdf5`, in episode order."""
+    if not main.exists():
+        return []
+    sources = []
+    with EpisodeFile(main) as file:
+        for name in file.names():
+            group = file[name]
+            part, path = file.location(name)
+            sources.append(
+                _EpisodeSource(
+                    _episode_sort_key(group),
+                    str(group.attrs["crowdplay_episode_id"]),
+                    int(group.attrs.get("total_steps", group["actions"].shape[0])),
+                    main if part is None else main.parent / part,
+                    path,
+                    part,
+                )
+            )
+    return sources
+
+
+def _staged_source(path: Path) -> _EpisodeSource:
+    with h5py.File(path, "r") as src:
+        return _EpisodeSource(
+            _episode_sort_key(src), path.stem, int(src["actions"].shape[0]), path, "/"
+        )
+
+
+def _kept_prefix(old: list[_EpisodeSource], merged: list[_EpisodeSource]) -> int:
+    """How many leading published episodes keep their place (and so their `id`) and can stay
+    where they are: the longest common prefix of the old and the new order, cut back to the
+    start of the first part file it would only partly keep (a part is kept whole or rewritten,
+    so no part ever holds episodes the index no longer names)."""
+    keep = 0
+    while keep < min(len(old), len(merged)) and merged[keep] is old[keep]:
+        keep += 1
+    first_of_part: dict[str | None, int] = {}
+    last_of_part: dict[str | None, int] = {}
+    for index, source in enumerate(old):
+        first_of_part.setdefault(source.part, index)
+        last_of_part[source.part] = index
+    while keep and last_of_part[old[keep - 1].part] >= keep:
+        keep = first_of_part[old[keep - 1].part]
+    return keep
+
+
+def _copy_episodes(sources: list[_EpisodeSource], first_index: int, out: h5py.File) -> None:
+    """Copy episode groups chunk for chunk (no recompression) into `out` as `episode_<i>`,
+    numbered from `first_index`, with Minari's `id` and `total_steps`."""
+    for index, source in enumerate(sources, start=first_index):
+        with h5py.File(source.file, "r") as src:
+            target = f"episode_{index}"
+            if source.path == "/":  # a staged file: its root group is the episode
+                group = out.create_group(target)
+                for child in src:
+                    src.copy(src[child], group, name=child)
+                group.attrs.update(dict(src.attrs))
+            else:
+                src.copy(src[source.path], out, name=target)
+                group = out[target]
+            group.attrs["id"] = index
+            group.attrs["total_steps"] = source.steps
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A second name for a part file that is never written again: a hard link, which costs
+    nothing; a copy where the file system has none (the result is the same)."""
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if files.is_disk_full(exc):
+            raise
+        shutil.copyfile(source, target)
+
+
 def publish_dataset(root: Path, staging: Path, key: DatasetKey, portable: bool = False) -> dict:
-    """Assemble published + staged episodes into a new Minari dataset and swap it into place."""
+    """Publish a dataset's staged episodes: the published ones plus the new, in order of
+    creation, swapped into place as a new dataset folder (Minari never sees one half-written).
+
+    Adding episodes costs what the new episodes cost, not the dataset: when the new episodes
+    come after every published one (a later day's recordings), the published episodes stay in
+    their files, hard-linked into the new folder, the new ones go into one new part file
+    (`storage.PART_FILE`), and `main_data.hdf5` becomes an index of external links, one per
+    episode. Episodes that sort before published ones (or replace one) rewrite the parts from
+    the first place that changes on. A dataset published whole is one self-contained file.
+    Returns `{"episodes", "steps", "copied"}`, `copied` being the episodes written anew."""
     from minari.dataset._storages import get_minari_storage
     from minari.dataset.minari_storage import METADATA_FILE_NAME
 
@@ -305,38 +402,40 @@ def publish_dataset(root: Path, staging: Path, key: DatasetKey, portable: bool =
     storage = get_minari_storage("hdf5")._create(
         data_path, observation_space(), action_space(key.game), jpeg_encoding=False
     )
-    sources: list[tuple[tuple[str, str], Path, str]] = []
-    old_main = main_data_path(final_dir / DATA_DIR)
-    staged_ids = {p.stem for p in staged_files}
-    if old_main.exists():
-        with h5py.File(old_main, "r") as old:
-            for name, group in old.items():
-                if str(group.attrs["crowdplay_episode_id"]) not in staged_ids:
-                    sources.append((_episode_sort_key(group), old_main, name))
-    for path in staged_files:
-        with h5py.File(path, "r") as src:
-            sources.append((_episode_sort_key(src), path, "/"))
-    sources.sort(key=lambda s: s[0])
-
-    total_steps = 0
-    with h5py.File(main, "w", track_order=True, libver=LIBVER) as out:
-        for index, (_, path, name) in enumerate(sources):
-            with h5py.File(path, "r") as src:
-                target = f"episode_{index}"
-                if name == "/":  # a staged file: its root group is the episode
-                    group = out.create_group(target)
-                    for child in src:
-                        src.copy(src[child], group, name=child)
-                    group.attrs.update(dict(src.attrs))
-                else:
-                    src.copy(src[name], out, name=target)
-                    group = out[target]
-                steps = int(group["actions"].shape[0])
-                group.attrs["id"] = index
-                group.attrs["total_steps"] = steps
-                total_steps += steps
+    old = _published_sources(main_data_path(final_dir / DATA_DIR))
+    staged = [_staged_source(path) for path in staged_files]
+    replaced = {source.episode_id for source in staged}
+    merged = sorted(
+        [s for s in old if s.episode_id not in replaced] + staged, key=lambda s: s.order
+    )
+    keep = _kept_prefix(old, merged)
+    rewritten = merged[keep:]
+    if keep == 0:
+        with h5py.File(main, "w", track_order=True, libver=LIBVER) as out:
+            _copy_episodes(rewritten, 0, out)
+    else:
+        links: list[tuple[str, str]] = []  # (part file, group path) of each episode, in order
+        part_names: dict[str | None, str] = {}
+        for source in old[:keep]:
+            if source.part not in part_names:
+                # A whole published main_data.hdf5 becomes a part under a new name.
+                name = source.part or f"part-{uuid.uuid4().hex}.hdf5"
+                _link_or_copy(source.file, data_path / name)
+                part_names[source.part] = name
+            links.append((part_names[source.part], source.path))
+        _fault_point("linked")
+        if rewritten:
+            part = f"part-{uuid.uuid4().hex}.hdf5"
+            with h5py.File(data_path / part, "w", track_order=True, libver=LIBVER) as out:
+                _copy_episodes(rewritten, keep, out)
+            links += [(part, f"/episode_{i}") for i in range(keep, len(merged))]
+        _fault_point("part-written")
+        with h5py.File(main, "w", track_order=True, libver=LIBVER) as out:
+            for index, (part, path) in enumerate(links):
+                out[f"episode_{index}"] = h5py.ExternalLink(part, path)
+    total_steps = sum(source.steps for source in merged)
     metadata = dataset_metadata(key, portable=portable)
-    metadata.update({"total_episodes": len(sources), "total_steps": total_steps})
+    metadata.update({"total_episodes": len(merged), "total_steps": total_steps})
     storage.update_metadata(metadata)
     storage.update_metadata({"dataset_size": storage.get_size()})
 
@@ -363,7 +462,7 @@ def publish_dataset(root: Path, staging: Path, key: DatasetKey, portable: bool =
     _fault_point("cleaned")
     for path in staged_files:
         path.unlink()
-    return {"episodes": len(sources), "steps": total_steps}
+    return {"episodes": len(merged), "steps": total_steps, "copied": len(rewritten)}
 
 
 def _publish(root: Path, staging: Path, key: DatasetKey, portable: bool) -> dict:
@@ -377,8 +476,8 @@ def _publish(root: Path, staging: Path, key: DatasetKey, portable: bool) -> dict
         shutil.rmtree(staging / "publish", ignore_errors=True)
         staged = staging / "episodes" / _slug(key.dataset_id)
         needed = sum(p.stat().st_size for p in staged.glob("*.h5"))
-        old = main_data_path(root / key.dataset_id / DATA_DIR)
-        needed += old.stat().st_size if old.exists() else 0
+        old = root / key.dataset_id / DATA_DIR  # at most all of it is rewritten
+        needed += sum(p.stat().st_size for p in old.glob("*.hdf5")) if old.exists() else 0
         raise files.DiskFull(f"dataset {key.dataset_id}", root, needed) from None
 
 
@@ -738,20 +837,23 @@ def _check_format(
     final_dir = root / key.dataset_id
     main = main_data_path(moved_aside.get(final_dir, final_dir) / DATA_DIR)
     staged_dir = root / STAGING_DIR / "episodes" / _slug(key.dataset_id)
-    candidates = [main] if main.exists() else []
-    candidates += sorted(staged_dir.glob("*.h5"))[:1] if staged_dir.exists() else []
-    for path in candidates:
+    held_portable = []
+    if main.exists():
+        with EpisodeFile(main) as file:
+            names = file.names()
+            if names and "observations" in file[names[0]]:
+                held_portable.append(is_portable(file[names[0]]["observations"]))
+    for path in sorted(staged_dir.glob("*.h5"))[:1] if staged_dir.exists() else []:
         with h5py.File(path, "r") as file:
-            group = file if path != main else file[next(iter(file))] if len(file) else None
-            if group is None or "observations" not in group:
-                continue
-            if is_portable(group["observations"]) != portable:
-                held = "default (zstd)" if portable else "portable"
-                raise StorageFormatError(
-                    f"{key.dataset_id} under {root} holds {held} episodes; convert "
-                    f"{'without' if portable else 'with'} --portable, or into another --root "
-                    "(`crowdplay-minari portable` copies existing datasets)"
-                )
+            if "observations" in file:
+                held_portable.append(is_portable(file["observations"]))
+    if any(held != portable for held in held_portable):
+        held = "default (zstd)" if portable else "portable"
+        raise StorageFormatError(
+            f"{key.dataset_id} under {root} holds {held} episodes; convert "
+            f"{'without' if portable else 'with'} --portable, or into another --root "
+            "(`crowdplay-minari portable` copies existing datasets)"
+        )
 
 
 def _moved_aside(staging: Path) -> dict[Path, Path]:

@@ -31,6 +31,7 @@ from crowdplay_minari.storage import (
     LIBVER,
     METADATA_FILE,
     NAMESPACE_METADATA_FILE,
+    EpisodeFile,
     check_self_contained,
     dataset_dir,
     datasets_root,
@@ -134,12 +135,12 @@ def portable_copy(
         (build / DATA_DIR).mkdir(parents=True)
         try:
             with (
-                h5py.File(main_data_path(source), "r") as src,
+                EpisodeFile(main_data_path(source)) as src,
                 h5py.File(
                     main_data_path(build / DATA_DIR), "w", track_order=True, libver=LIBVER
                 ) as out,
             ):
-                names = sorted(src, key=lambda n: int(n.rsplit("_", 1)[1]))
+                names = src.names()
                 for name in names:
                     copy_episode(
                         src[name], out.create_group(name), f"{main_data_path(source)} {name}"

@@ -24,6 +24,8 @@ from crowdplay_minari.raw import CrowdPlayDataError, RawDataset
 from crowdplay_minari.storage import (
     DIGEST_ATTRIBUTE,
     METADATA_FILE,
+    EpisodeFile,
+    ForeignStorageError,
     check_self_contained,
     dataset_dir,
     episode_digest,
@@ -43,9 +45,7 @@ class VerificationReport:
 
 
 def _flat_attributes(storage, index: int) -> dict:
-    import h5py
-
-    with h5py.File(main_data_path(Path(storage.data_path)), "r") as file:
+    with EpisodeFile(main_data_path(Path(storage.data_path))) as file:
         return dict(file[f"episode_{index}"].attrs)
 
 
@@ -119,8 +119,6 @@ def verify_stored(dataset_id: str, report: VerificationReport, root: Path | None
     """Check one dataset without its raw source: digests and episode counts."""
     import json
 
-    import h5py
-
     data_dir = dataset_dir(dataset_id, root)
     try:
         metadata = json.loads((data_dir / METADATA_FILE).read_text())
@@ -129,12 +127,12 @@ def verify_stored(dataset_id: str, report: VerificationReport, root: Path | None
         return
     path = main_data_path(data_dir)
     try:
-        file = h5py.File(path, "r")
+        file = EpisodeFile(path)
     except OSError as exc:
         report.problems.append(f"{dataset_id}: {path} unreadable ({exc})")
         return
     with file:
-        names = set(file)
+        names = set(file.names())
         expected = int(metadata.get("total_episodes", -1))
         wanted = {f"episode_{i}" for i in range(max(expected, 0))}
         if names != wanted:
@@ -148,9 +146,9 @@ def verify_stored(dataset_id: str, report: VerificationReport, root: Path | None
             )
         steps = 0
         for name in sorted(names & wanted, key=lambda n: int(n.rsplit("_", 1)[1])):
-            group = file[name]
             where = f"{dataset_id} {name}"
             try:
+                group = file[name]
                 check_self_contained(group, f"{path} {name}")
                 recorded = group.attrs.get(DIGEST_ATTRIBUTE)
                 if recorded is None:
@@ -164,6 +162,9 @@ def verify_stored(dataset_id: str, report: VerificationReport, root: Path | None
                         "the file was damaged or changed after conversion"
                     )
                 n = int(group["actions"].shape[0])
+            except ForeignStorageError as exc:
+                report.problems.append(f"{where}: {exc}")
+                continue
             except (OSError, KeyError, ValueError) as exc:
                 report.problems.append(f"{where}: unreadable ({exc})")
                 continue

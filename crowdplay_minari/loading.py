@@ -53,7 +53,9 @@ from .processing import (
     read_all_frames,
 )
 from .storage import (
+    DIGEST_ATTRIBUTE,
     METADATA_FILE,
+    EpisodeFile,
     check_self_contained,
     dataset_dir,
     datasets_root,
@@ -172,7 +174,7 @@ class EpisodeView:
     def load(self, *, observations: bool = True, infos: bool = True) -> EpisodeArrays:
         """The stored arrays (observations and infos read only if asked); rewards are int64
         again when CrowdPlay's were integers (Minari stores them as float64)."""
-        with h5py.File(self.data_file, "r") as file:
+        with EpisodeFile(self.data_file) as file:
             group = file[f"episode_{self.index}"]
             check_self_contained(group, f"{self.data_file} episode_{self.index}")
             frames = StoredFrames(group["observations"]) if observations else None
@@ -213,7 +215,7 @@ class EpisodeView:
                 return _read_cache_entry(path)
             except (OSError, ValueError, EOFError):
                 path.unlink(missing_ok=True)  # damaged cache entry: recompute
-        with h5py.File(self.data_file, "r") as file:
+        with EpisodeFile(self.data_file) as file:
             group = file[f"episode_{self.index}"]
             check_self_contained(group, f"{self.data_file} episode_{self.index}")
             steps = self._step_arrays(group)
@@ -322,13 +324,19 @@ class EpisodeView:
             steps.append(step)
         return steps
 
-    def _cache_path(self, config: ProcessingConfig) -> Path:
+    def stored_identity(self) -> list[Any]:
+        """What identifies this episode's stored data: its digest, recorded when it was written
+        and kept by publishing (so caches outlive episodes added to the dataset), or, for an
+        episode without one, its data file's path, size and modification time."""
+        recorded = self.metadata.get(DIGEST_ATTRIBUTE)
+        if isinstance(recorded, str):
+            return ["sha256", recorded]
         stat = self.data_file.stat()
+        return [str(self.data_file.resolve()), stat.st_size, stat.st_mtime_ns, self.index]
+
+    def _cache_path(self, config: ProcessingConfig) -> Path:
         identity = {
-            "file": str(self.data_file.resolve()),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "episode": self.index,
+            "stored": self.stored_identity(),
             "crowdplay_episode_id": self.episode_id,
             "agent": self.agent_id,
             "config": dataclasses.asdict(config),
@@ -596,9 +604,8 @@ def _episode_attributes(main: Path) -> list[tuple[int, dict[str, Any]]]:
             ]
         except (KeyError, TypeError, ValueError):
             pass  # damaged: read the file
-    with h5py.File(main, "r") as file:
-        names = sorted(file.keys(), key=lambda k: int(k.rsplit("_", 1)[-1]))
-        episodes = [(int(name.rsplit("_", 1)[-1]), dict(file[name].attrs)) for name in names]
+    with EpisodeFile(main) as file:
+        episodes = [(int(name.rsplit("_", 1)[1]), dict(file[name].attrs)) for name in file.names()]
     with contextlib.suppress(OSError, TypeError, ValueError):  # the index is only a shortcut
         index_path.parent.mkdir(parents=True, exist_ok=True)
         files.write_json(

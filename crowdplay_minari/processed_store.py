@@ -174,18 +174,7 @@ class ProcessedStore:
 
 def store_key(episodes: Sequence[EpisodeView], config: ProcessingConfig) -> str:
     """The name of the store of `episodes` (in this order) processed with `config`."""
-    identities: dict[Path, list[Any]] = {}
-
-    def file_identity(path: Path) -> list[Any]:
-        if path not in identities:
-            stat = path.stat()
-            identities[path] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-        return identities[path]
-
-    selection = [
-        [e.dataset_id, *file_identity(e.data_file), e.index, e.episode_id, e.agent_id]
-        for e in episodes
-    ]
+    selection = [[*e.stored_identity(), e.episode_id, e.agent_id] for e in episodes]
     payload = {"format": STORE_FORMAT, "config": dataclasses.asdict(config), "episodes": selection}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 

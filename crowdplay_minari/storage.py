@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,13 @@ METADATA_FILE = "metadata.json"
 NAMESPACE_METADATA_FILE = "namespace_metadata.json"
 """Minari's file describing a namespace folder (`<root>/<namespace>/`)."""
 MAIN_DATA_FILE = "main_data.hdf5"
-"""Minari's HDF5 file: one group `episode_<i>` per episode."""
+"""Minari's HDF5 file: one entry `episode_<i>` per episode, either the episode's group itself or,
+in a dataset that episodes were added to, an HDF5 external link into a part file beside it."""
+PART_FILE = re.compile(r"part-[0-9a-f]{32}\.hdf5")
+"""The part files of an incrementally published dataset (`data/part-<uuid>.hdf5`): each holds
+the groups `episode_<i>` one publish wrote, and is never changed after; `main_data.hdf5` then
+holds only links into them, so adding episodes writes the new ones and a new index of links."""
+EPISODE_NAME = re.compile(r"episode_(0|[1-9][0-9]*)")
 
 FRAME_CHUNK = 256
 """Frames per HDF5 chunk of `observations` (each chunk one zstd frame of whole frames)."""
@@ -210,3 +217,86 @@ def check_self_contained(group, where: str) -> None:
                 )
 
     visit(group, "")
+
+
+class EpisodeFile:
+    """A dataset's `main_data.hdf5` opened for reading, each episode resolved to its group.
+
+    An entry is either the episode's own group or an external link to `/episode_<i>` of a part
+    file (`PART_FILE`) in the same folder. Links are followed here, never by HDF5: HDF5 would
+    look for a missing part in `$HDF5_EXT_PREFIX` and the current directory as well, and a
+    crafted link could name any file. Anything else (a soft link, a link to another file or
+    folder) raises `ForeignStorageError`. Part files are opened once, kept open until `close`.
+
+        with EpisodeFile(main_data_path(dataset_dir("crowdplay/..."))) as file:
+            actions = file["episode_0"]["actions"][()]
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import h5py
+
+        self.path = Path(path)
+        self._file = h5py.File(self.path, "r")
+        self._parts: dict[str, object] = {}
+
+    def __enter__(self) -> EpisodeFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for part in self._parts.values():
+            part.close()
+        self._parts.clear()
+        self._file.close()
+
+    def names(self) -> list[str]:
+        """The episode entries, in episode order (`episode_0`, `episode_1`, ...)."""
+        names = [name for name in self._file if EPISODE_NAME.fullmatch(name)]
+        return sorted(names, key=lambda name: int(name.rsplit("_", 1)[1]))
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file
+
+    def location(self, name: str) -> tuple[str | None, str]:
+        """Where an episode's group lies: (part file name, or None for this file; its path)."""
+        import h5py
+
+        link = self._file.get(name, getlink=True)
+        if link is None:
+            raise KeyError(f"{self.path}: no {name}")
+        if isinstance(link, h5py.HardLink):
+            return None, self._file[name].name
+        if isinstance(link, h5py.ExternalLink):
+            part, target = link.filename, link.path
+            if PART_FILE.fullmatch(part) and EPISODE_NAME.fullmatch(target.removeprefix("/")):
+                return part, target
+            raise ForeignStorageError(
+                f"{self.path} {name}: an external link to {part}:{target}, not to an episode of "
+                "a part file beside it; refused"
+            )
+        raise ForeignStorageError(f"{self.path} {name}: a soft link; refused")
+
+    def __getitem__(self, name: str):
+        part, target = self.location(name)
+        if part is None:
+            return self._file[name]
+        return self._part(part, name)[target]
+
+    def _part(self, part: str, name: str):
+        import h5py
+
+        if part not in self._parts:
+            path = self.path.parent / part
+            if path.is_symlink() or not path.is_file():
+                problem = "a symbolic link" if path.is_symlink() else "missing"
+                raise DamagedDatasetError(
+                    f"{self.path} {name}: its part file {path} is {problem}; reconvert this "
+                    "dataset or restore it from a copy"
+                )
+            self._parts[part] = h5py.File(path, "r")
+        return self._parts[part]

@@ -11,12 +11,14 @@ from crowdplay_minari.benchmarks import bench_conversion, bench_reader
 from crowdplay_minari.episode import FRAME_SHAPE
 
 TINY = ["--episodes", "2", "--frames", "150", "--repeats", "1"]
+PUBLISHING = ["--publish-sizes", "2,4", "--publish-added", "2", "--publish-rounds", "2"]
 FRAME_BYTES = int(np.prod(FRAME_SHAPE))
 
 
-def _run(main, tmp_path: Path) -> tuple[dict, dict]:
+def _run(main, tmp_path: Path, extra: list[str] = ()) -> tuple[dict, dict]:
     json_path = tmp_path / "results.json"
-    results = main([*TINY, "--json", str(json_path), "--workdir", str(tmp_path / "work")])
+    work = ["--json", str(json_path), "--workdir", str(tmp_path / "work")]
+    results = main([*TINY, *extra, *work])
     return results, json.loads(json_path.read_text())
 
 
@@ -47,7 +49,7 @@ def test_bench_reader_reports_throughput_and_sizes_per_encoding(tmp_path: Path) 
 
 
 def test_bench_conversion_reports_targets_sizes_memory_and_layouts(tmp_path: Path) -> None:
-    results, saved = _run(bench_conversion.main, tmp_path)
+    results, saved = _run(bench_conversion.main, tmp_path, PUBLISHING)
     assert saved == json.loads(json.dumps(results))
 
     raw_frames = results["sample"]["frames"]
@@ -96,3 +98,14 @@ def test_bench_conversion_reports_targets_sizes_memory_and_layouts(tmp_path: Pat
         assert row["read_frames_per_second"] > 0
     smallest = min(layouts, key=lambda row: row["bytes_per_frame"])
     assert smallest["layout"].startswith("zstd")
+
+    publishing = results["publishing"]
+    rows = {(row["episodes_before"], row["case"]): row for row in publishing["rows"]}
+    assert set(rows) == {(n, c) for n in (2, 4) for c in ("incremental", "full rewrite")}
+    for (size, case), row in rows.items():
+        assert row["seconds"] > 0 and row["bytes_written"] > 0
+        # incremental: the added episodes only, in every round; a full rewrite: every episode
+        # the dataset holds (in the second round: the size, and two rounds of each adding 2)
+        assert row["episodes_copied"] == (2 if case == "incremental" else size + 4 * 2)
+    full, incremental = rows[(4, "full rewrite")], rows[(4, "incremental")]
+    assert full["bytes_written"] > 2 * incremental["bytes_written"]

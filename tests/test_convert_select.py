@@ -308,7 +308,9 @@ def test_the_dry_run_writes_nothing_and_counts_what_an_interrupted_run_left(
         ConversionConfig(raw_sample_bz2, root=root, episode_ids=(scores[70],), progress=False),
         log=lambda message: None,
     )
-    assert report.datasets == {plain: {"episodes": 1, "steps": report.frames_converted}}
+    assert report.datasets == {
+        plain: {"episodes": 1, "steps": report.frames_converted, "copied": 1}
+    }
     staging = root / STAGING_DIR
     staged = stage_episode(
         EpisodeJob(raw_sample_bz2, meta[scores[50]], "crowdplay", staging, (P0,))

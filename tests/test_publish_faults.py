@@ -5,7 +5,9 @@ A dataset of one episode is published; then a conversion that adds two more is k
 plain `minari.load_dataset` must read a complete dataset at the dataset's path, the old one or the
 new one, every array of every episode; a rerun must then finish with the new one and leave no
 debris. The fallback for file systems without an atomic exchange is killed the same way: there a
-rerun restores the old dataset before finishing.
+rerun restores the old dataset before finishing. The incremental path (the new episodes come after
+the published one, which stays in its file) is killed at each of its steps too, and must leave
+the published file exactly as it was.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATASET = "crowdplay/space_invaders/plain-player_0-v1"
 STEPS = ["started", "assembled", "exchanged", "swapped", "cleaned"]
 FALLBACK_STEPS = ["assembled", "moved-aside", "swapped", "cleaned"]
+APPEND_STEPS = ["linked", "part-written", "assembled", "exchanged", "cleaned"]
 CONVERT = """
 import json, sys
 from pathlib import Path
@@ -46,18 +49,36 @@ module.convert(module.ConversionConfig(Path(sys.argv[1]), root=Path(sys.argv[2])
 
 
 @pytest.fixture(scope="module")
-def published_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(raw, root): three Space Invaders episodes of one session; the root holds a dataset of
-    the first one only."""
-    base = tmp_path_factory.mktemp("faults")
-    raw = base / "raw" / "crowdplay_atari-v0"
+def raw_three(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three Space Invaders episodes of one session."""
+    raw = tmp_path_factory.mktemp("faults") / "raw" / "crowdplay_atari-v0"
     sessions = tuple(s for s in DEFAULT_SESSIONS if s.task_id == "space_invaders_mturk")
     generate_sample(raw, seed=0, episodes=3, max_frames=150, sessions=sessions, workers=1)
-    first = sorted(RawDataset(raw).metadata())[:1]
-    root = base / "old"
-    convert(ConversionConfig(raw, root=root, episode_ids=tuple(first), progress=False), log=print)
+    return raw
+
+
+def _published(raw: Path, root: Path, episode_id: str) -> tuple[Path, Path]:
+    convert(ConversionConfig(raw, root=root, episode_ids=(episode_id,), progress=False), log=print)
     assert _episodes(root) == 1
     return raw, root
+
+
+@pytest.fixture(scope="module")
+def published_once(raw_three: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(raw, root): the root holds a dataset of the first of three episodes by id."""
+    first = sorted(RawDataset(raw_three).metadata())[0]
+    return _published(raw_three, tmp_path_factory.mktemp("old"), first)
+
+
+@pytest.fixture(scope="module")
+def published_earliest(
+    raw_three: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """(raw, root): the root holds a dataset of the earliest made of three episodes, so the
+    other two are added after it (the incremental path)."""
+    metadata = RawDataset(raw_three).metadata()
+    earliest = min(metadata, key=lambda e: metadata[e].keyword_data["all"]["created_on"])
+    return _published(raw_three, tmp_path_factory.mktemp("earliest"), earliest)
 
 
 def _episodes(root: Path) -> int:
@@ -123,6 +144,34 @@ def test_a_crash_at_any_step_of_publishing_loses_nothing(
     assert not list(staging.glob("episodes/*/*"))  # every staged episode published
     saved = json.loads((root / "crowdplay" / "conversion_report.json").read_text())
     assert saved["episodes_total"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", APPEND_STEPS)
+def test_a_crash_while_adding_episodes_leaves_the_published_file_as_it_was(
+    published_earliest: tuple[Path, Path], tmp_path: Path, step: str
+) -> None:
+    raw, old_root = published_earliest
+    root = tmp_path / "root"
+    shutil.copytree(old_root, root)
+    published = root / DATASET / "data" / "main_data.hdf5"
+    before = published.read_bytes()
+    assert _crash(raw, root, step, "exchange") == 86, f"the converter did not reach {step}"
+    data = root / DATASET / "data"
+    episodes = _episodes(root)
+    assert episodes in (1, 3)
+    if episodes == 1:  # the old dataset: the very same file
+        assert published.read_bytes() == before
+    else:  # the new one: the old file is its first part, unchanged
+        assert before in [p.read_bytes() for p in data.glob("part-*.hdf5")]
+    report = convert(ConversionConfig(raw, root=root, progress=False), log=lambda m: None)
+    assert report.ok and report.episodes_converted == 0
+    assert _episodes(root) == 3
+    parts = sorted(data.glob("part-*.hdf5"))
+    assert len(parts) == 2 and before in [p.read_bytes() for p in parts]
+    staging = root / STAGING_DIR
+    assert not list(staging.glob("publish/*")) and not list(staging.glob("trash/*"))
+    assert not list(staging.glob("episodes/*/*"))
 
 
 def _no_space(*args, **kwargs):

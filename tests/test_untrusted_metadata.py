@@ -162,3 +162,71 @@ def test_episodes_whose_arrays_live_outside_their_file_are_refused(
         episode.load()
     with pytest.raises(ForeignStorageError):
         episode.get_processed_trajectory()
+
+
+@pytest.mark.parametrize(
+    "trick",
+    ["absolute path", "climbing path", "another file", "not an episode", "soft link"],
+)
+def test_index_links_that_lead_anywhere_but_a_part_beside_it_are_refused(
+    converted_sample, tmp_path: Path, trick: str
+) -> None:
+    """An added-to dataset's `main_data.hdf5` links each episode to `/episode_<i>` of a
+    `part-<uuid>.hdf5` in its own folder; a crafted index could link anywhere else."""
+    import h5py
+
+    from crowdplay_minari.loading import load_dataset
+    from crowdplay_minari.storage import ForeignStorageError
+
+    source, _ = converted_sample
+    dataset_id = "crowdplay/riverraid/plain-player_0-v1"
+    root = tmp_path / "root"
+    shutil.copytree(source / dataset_id, root / dataset_id)
+    data = root / dataset_id / "data"
+    part = "part-" + "0" * 32 + ".hdf5"
+    (data / "main_data.hdf5").rename(data / part)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(data / part, elsewhere / part)
+    shutil.copyfile(data / part, data / "other.hdf5")
+    target = {
+        "absolute path": h5py.ExternalLink(str(elsewhere / part), "/episode_0"),
+        "climbing path": h5py.ExternalLink(f"../../../../elsewhere/{part}", "/episode_0"),
+        "another file": h5py.ExternalLink("other.hdf5", "/episode_0"),
+        "not an episode": h5py.ExternalLink(part, "/episode_0/actions"),
+        "soft link": h5py.SoftLink("/episode_1"),
+    }[trick]
+    with h5py.File(data / "main_data.hdf5", "w") as index:
+        index["episode_0"] = target
+        index["episode_1"] = h5py.ExternalLink(part, "/episode_1")
+    with pytest.raises(ForeignStorageError, match=r"main_data\.hdf5 episode_0: .*refused"):
+        load_dataset(dataset_id, root=root)
+
+
+@pytest.mark.parametrize("trick", ["missing", "a symbolic link"])
+def test_a_part_file_missing_or_replaced_by_a_link_is_named(
+    converted_sample, tmp_path: Path, trick: str
+) -> None:
+    """HDF5 would look for a missing part in the working directory too; the loader only ever
+    opens the regular file beside the index, and names the one that is not there."""
+    import h5py
+
+    from crowdplay_minari.loading import load_dataset
+    from crowdplay_minari.storage import DamagedDatasetError
+
+    source, _ = converted_sample
+    dataset_id = "crowdplay/riverraid/plain-player_0-v1"
+    root = tmp_path / "root"
+    shutil.copytree(source / dataset_id, root / dataset_id)
+    data = root / dataset_id / "data"
+    part = "part-" + "1" * 32 + ".hdf5"
+    (data / "main_data.hdf5").rename(tmp_path / part)
+    if trick == "a symbolic link":
+        (data / part).symlink_to(tmp_path / part)
+    with h5py.File(tmp_path / part, "r") as file:
+        names = list(file)
+    with h5py.File(data / "main_data.hdf5", "w") as index:
+        for name in names:
+            index[name] = h5py.ExternalLink(part, f"/{name}")
+    with pytest.raises(DamagedDatasetError, match=rf"part file {data / part} is {trick}"):
+        load_dataset(dataset_id, root=root)
