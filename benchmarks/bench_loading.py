@@ -52,6 +52,7 @@ import cv2
 import numpy as np
 
 from crowdplay_minari.conversion.convert import ConversionConfig, convert
+from crowdplay_minari.d3rlpy_bridge import to_replay_buffer
 from crowdplay_minari.loading import (
     CACHE_ENV,
     CrowdPlayDataset,
@@ -189,8 +190,6 @@ def ours_load(minari_root: str, cache_dir: str, options: dict) -> list[tuple]:
 def ours_store_load(minari_root: str, store_dir: str, options: dict) -> list[tuple]:
     """A ready d3rlpy buffer of every agent's processed trajectory, over the processed store in
     `store_dir` (built when it is not there); each episode's arrays as the buffer holds them."""
-    from crowdplay_minari.d3rlpy_bridge import to_replay_buffer
-
     os.environ[MINARI_ROOT_ENV] = minari_root
     config = ProcessingConfig(crowdplay_compat=True, **options)
     n_frames = 4 if config.stack_n == 1 and config.framestack_axis_first else 1

@@ -24,6 +24,7 @@ from crowdplay_minari import loading
 from crowdplay_minari.loading import CACHE_ENV, CrowdPlayDataset, EpisodeView, load_dataset
 from crowdplay_minari.raw import RawDataset
 from crowdplay_minari.raw.reader import load_steps
+from crowdplay_minari.storage import DIGEST_ATTRIBUTE
 from tests.reference_processing import reference_process
 
 P0, P1 = "game_0>player_0", "game_0>player_1"
@@ -668,21 +669,35 @@ def test_processed_trajectories_are_cached(
     episode.get_processed_trajectory(**options)
     assert len(calls) == 2  # still cached
 
-    # a data file with a new modification time is new data: a new entry
+    # entries are keyed by the episode's recorded digest: a data file rewritten by a publish
+    # (new modification time) holds the same episode, and its entry still serves
     stat = episode.data_file.stat()
     try:
         os.utime(episode.data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+        episode.get_processed_trajectory(**options)
+        assert len(calls) == 2
+        # another digest is other data: a new entry
+        recorded = episode.metadata[DIGEST_ATTRIBUTE]
+        episode.metadata[DIGEST_ATTRIBUTE] = "0" * 64
         third = episode.get_processed_trajectory(**options)
+        assert len(calls) == 3 and len(_cache_files(cache_dir)) == 4
+        # an episode without a digest (converted before checksums) is keyed by its file
+        del episode.metadata[DIGEST_ATTRIBUTE]
+        episode.get_processed_trajectory(**options)
+        assert len(calls) == 4
+        os.utime(episode.data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 9_000_000_000))
+        episode.get_processed_trajectory(**options)
+        assert len(calls) == 5 and len(_cache_files(cache_dir)) == 6
+        episode.metadata[DIGEST_ATTRIBUTE] = recorded
     finally:
         os.utime(episode.data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert len(calls) == 3 and len(_cache_files(cache_dir)) == 4
     for a, b in zip(first, third, strict=True):
         assert np.array_equal(a, b)
 
     # a damaged entry is recomputed, not returned
     entry.write_bytes(b"not a cache entry")
     fourth = episode.get_processed_trajectory(**options)
-    assert len(calls) == 4
+    assert len(calls) == 6
     for a, b in zip(first, fourth, strict=True):
         assert np.array_equal(a, b)
 
@@ -695,7 +710,7 @@ def test_processed_trajectories_are_cached(
         ),
     )
     fifth = episode.get_processed_trajectory(**options)
-    assert len(calls) == 5
+    assert len(calls) == 7
     for a, b in zip(first, fifth, strict=True):
         assert np.array_equal(a, b)
 
@@ -703,7 +718,7 @@ def test_processed_trajectories_are_cached(
     p0 = _one(data, game="space_invaders_2p", agent=P0)
     p0.get_processed_trajectory(**options)
     p0.get_processed_trajectory(agent=P1, **options)
-    assert len(calls) == 7 and len(_cache_files(cache_dir)) == 6
+    assert len(calls) == 9 and len(_cache_files(cache_dir)) == 8
     assert all(path.is_relative_to(cache_dir) for path in _cache_files(cache_dir))
 
 

@@ -8,6 +8,7 @@ rebuilt, and a damaged one must be rebuilt rather than read.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import threading
@@ -30,6 +31,7 @@ from crowdplay_minari.processed_store import (
     store_key,
 )
 from crowdplay_minari.processing import ProcessingConfig
+from crowdplay_minari.storage import DIGEST_ATTRIBUTE
 
 d3rlpy = pytest.importorskip("d3rlpy")
 
@@ -188,14 +190,19 @@ def test_store_is_reused_not_rebuilt(
         store_key(episodes, ProcessingConfig.d3rlpy_preset(downsample_offset=1)),
     }
     assert len(keys) == 4 and store.path.name in keys
-    # a reconverted data file (new mtime) is another store too
+    # episodes are named by their recorded digests: a data file rewritten by a publish (new
+    # mtime) holds the same episodes, one with another digest is other data
     data_file = episodes[0].data_file
     stat = data_file.stat()
     try:
         os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-        assert store_key(episodes, PRESET) != store.path.name
+        assert store_key(episodes, PRESET) == store.path.name
     finally:
         os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = dataclasses.replace(
+        episodes[0], metadata={**episodes[0].metadata, DIGEST_ATTRIBUTE: "0" * 64}
+    )
+    assert store_key([changed, *episodes[1:]], PRESET) != store.path.name
 
 
 def _truncate(path: Path) -> None:
