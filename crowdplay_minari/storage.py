@@ -33,6 +33,11 @@ PART_FILE = re.compile(r"part-[0-9a-f]{32}\.hdf5")
 the groups `episode_<i>` one publish wrote, and is never changed after; `main_data.hdf5` then
 holds only links into them, so adding episodes writes the new ones and a new index of links."""
 EPISODE_NAME = re.compile(r"episode_(0|[1-9][0-9]*)")
+EPISODE_TABLE_ATTRIBUTE = "crowdplay_episodes"
+"""Root attribute of `main_data.hdf5` the converter writes: JSON, one row per episode in
+episode order, `[crowdplay episode id, created_on, steps, part file or null, group path]`, so
+that adding episodes need not open every published one (0.9 ms each: most of the time of
+adding 4 episodes to 1,024). Minari reads no root attribute."""
 
 FRAME_CHUNK = 256
 """Frames per HDF5 chunk of `observations` (each chunk one zstd frame of whole frames)."""
@@ -258,6 +263,11 @@ class EpisodeFile:
             part.close()
         self._parts.clear()
         self._file.close()
+
+    @property
+    def attrs(self):
+        """The index file's own (root) attributes."""
+        return self._file.attrs
 
     def names(self) -> list[str]:
         """The episode entries, in episode order (`episode_0`, `episode_1`, ...)."""

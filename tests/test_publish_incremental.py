@@ -33,6 +33,7 @@ from crowdplay_minari.processing import ProcessingConfig
 from crowdplay_minari.sample import DEFAULT_SESSIONS, generate_sample
 from crowdplay_minari.storage import (
     DIGEST_ATTRIBUTE,
+    EPISODE_TABLE_ATTRIBUTE,
     PART_FILE,
     EpisodeFile,
     episode_digest,
@@ -261,3 +262,30 @@ def test_a_portable_copy_of_an_added_to_dataset_is_one_file(whole, tmp_path) -> 
     assert [e.episode_id for e in ours] == order
     for a, b in zip(ours, load_dataset(DATASET, root=whole_root), strict=True):
         assert np.array_equal(a.load().observations, b.load().observations)
+
+
+@pytest.mark.parametrize("damage", ["removed", "garbage", "one row short", "a path outside"])
+def test_the_episode_table_is_only_a_shortcut(whole, tmp_path, damage: str) -> None:
+    """Publishing reads the published episodes from the index's table; a table that is
+    missing, unreadable or disagrees with the file is passed over for the episodes themselves."""
+    raw, whole_root, order = whole
+    root = tmp_path / "root"
+    _add(raw, root, order[:2])
+    _add(raw, root, order[2:4])
+    index = root / DATASET / "data" / "main_data.hdf5"
+    with h5py.File(index, "r+") as file:
+        rows = json.loads(file.attrs[EPISODE_TABLE_ATTRIBUTE])
+        assert [row[0] for row in rows] == order[:4]
+        if damage == "removed":
+            del file.attrs[EPISODE_TABLE_ATTRIBUTE]
+        elif damage == "garbage":
+            file.attrs[EPISODE_TABLE_ATTRIBUTE] = "[[1, 2"
+        elif damage == "one row short":
+            file.attrs[EPISODE_TABLE_ATTRIBUTE] = json.dumps(rows[:-1])
+        else:
+            rows[0][3] = "../../elsewhere.hdf5"
+            file.attrs[EPISODE_TABLE_ATTRIBUTE] = json.dumps(rows)
+    assert _add(raw, root, order[4:])["copied"] == 1
+    _assert_same_dataset(root, whole_root)
+    with h5py.File(index, "r") as file:
+        assert [row[0] for row in json.loads(file.attrs[EPISODE_TABLE_ATTRIBUTE])] == order
