@@ -7,9 +7,10 @@ it):
    file is never redone; a killed run leaves at worst a `.tmp`, which the next run deletes.
 2. **publish**: per dataset, as soon as its last episode is staged (so publishing overlaps the
    staging of other datasets' episodes), a complete Minari dataset directory is assembled in
-   staging (already published episodes plus new staged ones, copied chunk-for-chunk without
-   recompression), then swapped into place with directory renames. Minari never sees a
-   half-written dataset.
+   staging, then swapped into place with directory renames. Minari never sees a half-written
+   dataset. New episodes that come after every published one go into a new part file and the
+   published files are hard-linked, so adding episodes costs the new episodes
+   (`publish_dataset`); otherwise episodes are copied chunk for chunk, without recompression.
 
 Which episodes, and which of their agents, a run converts is an `EpisodeSelection` (games, tasks,
 sources, agent kind, minimum score, episode ids; default: all), resolved from `dataset.sqlite`
