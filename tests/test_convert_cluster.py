@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from crowdplay_minari.conversion.convert import REPORT_NAME
-from crowdplay_minari.conversion.verify import verify
+from crowdplay_minari.conversion.verify import verify_datasets
+from tests.datasets import stored_episodes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_cluster_conversion_uses_no_driver_paths_on_workers(
-    raw_sample_bz2: Path, tmp_path: Path
+    raw_sample_bz2: Path, converted_sample, tmp_path: Path
 ) -> None:
     pytest.importorskip("ray")
     ray_cli = str(Path(sys.executable).with_name("ray"))
@@ -87,6 +88,9 @@ def test_ray_cluster_conversion_uses_no_driver_paths_on_workers(
     for node in ("head", "node2"):
         assert not any(p.suffix in (".h5", ".hdf5") for p in nodes[node].rglob("*"))
     assert not (nodes["driver"] / "raw" / ".crowdplay-staging").exists()
-    datasets = sorted(report["datasets"])
-    result = verify(nodes["driver"] / "raw", datasets, root=nodes["driver"] / "minari", log=print)
-    assert result.ok and result.episodes_checked > 0, result.problems
+    # The --verify above compared every frame with the raw files; the datasets are also what
+    # the local pool makes, byte for byte (equal digests of the stored chunks and attributes),
+    # and their digests are right (verify without the raw data).
+    ids = sorted(report["datasets"])
+    assert verify_datasets(ids, root=nodes["driver"] / "minari", log=lambda m: None).ok
+    assert stored_episodes(nodes["driver"] / "minari") == stored_episodes(converted_sample[0])
